@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional
 
-POOL_TYPES = ("attn", "none")
+POOL_TYPES = ("attn", "tok", "none")
 STEMS = ("patch", "conv")
 
 
@@ -37,7 +37,7 @@ class VisionConfig:
     heads: int
     mlp_dim: int
     use_cls_token: bool = True
-    pool_type: str = "attn"  # 'attn' (Core: attention pooling) | 'none' (Lang/Spatial: token output)
+    pool_type: str = "attn"  # 'attn' (Core) | 'tok' (class token: the vanilla-CLIP baseline) | 'none' (Lang/Spatial)
     use_ln_post: bool = True
     ls_init_value: Optional[float] = None  # None = no LayerScale parameters at all
     drop_path: float = 0.0  # one constant rate for every block
@@ -139,7 +139,9 @@ class CLIPConfig:
             if self.vision.output_dim is None:
                 raise ValueError("a CLIP model (with a text tower) needs vision.output_dim (the `proj`)")
             if self.vision.pool_type == "none":
-                raise ValueError("a CLIP model (with a text tower) needs vision.pool_type='attn'")
+                raise ValueError("a CLIP model (with a text tower) needs vision.pool_type='attn' or 'tok'")
+            if self.vision.pool_type == "tok" and not self.vision.use_cls_token:
+                raise ValueError("vision.pool_type='tok' pools the class token; it needs use_cls_token=True")
             if self.vision.output_dim != self.text.output_dim:
                 raise ValueError(
                     f"vision.output_dim {self.vision.output_dim} != text.output_dim {self.text.output_dim}")

@@ -160,6 +160,8 @@ class VisionTransformer(nn.Module):
         x = tokens
         if self.attn_pool is not None:
             x = self.attn_pool(x)
+        elif self.cfg.pool_type == "tok":  # the vanilla-CLIP baseline (not a PE layout): the class token
+            x = x[:, 0]
         if self.proj is not None:
             x = x @ self.proj
         return x

@@ -1,0 +1,68 @@
+# pe-lightning: every target creates or refreshes .venv on first use (keyed on the pins), so a fresh clone
+# needs only `make stage=pretrain` and `make test`. Any `key=value` after the target overrides a recipe key.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PINS_HASH := $(shell cat pyproject.toml requirements.lock | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(PINS_HASH)
+# All command-line `key=value` words, passed on to pe-lightning as recipe overrides.
+OVERRIDES := $(foreach v,$(filter-out PYTHON,$(.VARIABLES)),$(if $(filter command line,$(origin $(v))),$(v)=$($(v))))
+run ?= default
+
+.DEFAULT_GOAL := default
+.PHONY: default help setup train pipeline status test test-fast bench data clean-venv
+
+default:
+ifdef stage
+	@$(MAKE) --no-print-directory train
+else
+	@$(MAKE) --no-print-directory help
+endif
+
+help:  ## list the targets
+	@echo "pe-lightning: the Perception Encoder training recipe on Lightning"
+	@echo ""
+	@echo "  make stage=pretrain [run=NAME] [key=value ...]  run (or resume) one stage"
+	@echo "  make pipeline [run=NAME]                        run every stage not yet DONE, in order"
+	@echo "  make status [run=NAME]                          each stage's state and headline metrics"
+	@echo "  make test                                       the test suite (CPU)"
+	@echo "  make bench                                      training-step / data benchmarks -> bench/results/"
+	@echo "  make data                                       generate the shapes world into data/shapes"
+	@echo "  make setup                                      create .venv with the pinned dependencies"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	@echo "[setup] creating $(VENV) with the pinned dependencies (first run only)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c requirements.lock -e '.[test]'
+	# sam2 is a source package that builds against the installed torch (CPU-only build of its extension).
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q -c requirements.lock --no-build-isolation sam2==1.1.0
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+train: $(STAMP)
+	$(VENV)/bin/pe-lightning train $(OVERRIDES)
+
+pipeline: $(STAMP)
+	$(VENV)/bin/pe-lightning pipeline $(OVERRIDES)
+
+status: $(STAMP)
+	@$(VENV)/bin/pe-lightning status $(OVERRIDES)
+
+data: $(STAMP)
+	$(VENV)/bin/pe-lightning data shapes --out data/shapes
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -m "not slow"
+
+bench: $(STAMP)
+	$(PY) bench/run_bench.py $(OVERRIDES)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,79 @@
+"""Atomic `last.ckpt` every N steps and on SIGTERM/SIGINT, so a killed or preempted stage resumes.
+
+Recipe: `callbacks: [{name: checkpoint, args: {every_n_steps: 50}}]` (default: trainer.checkpoint_every_n_steps).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import lightning as L
+
+
+class AtomicCheckpoint(L.Callback):
+    """Writes checkpoints/last.ckpt through a temporary file and `os.replace`.
+
+    A kill at any moment leaves either the previous checkpoint or the new one, never a torn file.
+    SIGTERM / SIGINT (a cluster's preemption, Ctrl-C) make the stage save at the end of the current step
+    and stop; the stage manager then reports where it stopped, and the same command resumes.
+    """
+
+    def __init__(self, cfg=None, stage_root: str | Path = ".", every_n_steps: int | None = None,
+                 signal_check_every: int = 10):
+        self.every_n_steps = every_n_steps or (cfg.trainer.checkpoint_every_n_steps if cfg else 50)
+        self.signal_check_every = signal_check_every  # under DDP the stop decision costs one all-reduce
+        self.root = Path(stage_root)
+        self.path = self.root / "checkpoints" / "last.ckpt"
+        self._signalled = False
+        self._previous_handlers: dict[int, object] = {}
+
+    # ----- signals -----
+    def _on_signal(self, signum, frame) -> None:
+        self._signalled = True
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+            except ValueError:  # not the main thread (e.g. a notebook worker): signals stay as they were
+                pass
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+
+    def _stop_requested(self, trainer: L.Trainer) -> bool:
+        if trainer.world_size == 1:
+            return self._signalled
+        if trainer.global_step % self.signal_check_every:
+            return False
+        return trainer.strategy.reduce_boolean_decision(self._signalled, all=False)
+
+    # ----- saving -----
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stop = self._stop_requested(trainer)
+        finished = getattr(pl_module, "finished", False)
+        if stop or finished or trainer.global_step % self.every_n_steps == 0:
+            self.save(trainer, pl_module)
+        if stop:
+            trainer.should_stop = True
+
+    def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        tmp = self.path.with_name("last.ckpt.tmp")
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        trainer.strategy.barrier()
+        trainer.save_checkpoint(tmp)  # collective under FSDP; rank 0 writes
+        if trainer.is_global_zero:
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+            progress = {"samples_seen": int(getattr(pl_module, "samples_seen", 0)), "step": trainer.global_step}
+            tmp_progress = self.root / "progress.json.tmp"
+            tmp_progress.write_text(json.dumps(progress))
+            os.replace(tmp_progress, self.root / "progress.json")
+        trainer.strategy.barrier()
+

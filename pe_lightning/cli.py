@@ -1,0 +1,84 @@
+"""The command line: `pe-lightning train|pipeline|status|data ...` (the Makefile calls these).
+
+  pe-lightning train stage=pretrain [recipe=pretrain_vanilla] [run=NAME] [key=value ...]
+  pe-lightning pipeline [run=NAME] [key=value ...]
+  pe-lightning status [run=NAME] [runs_dir=runs]
+  pe-lightning data shapes --out DIR [--train N] [--seed S] [--size PX]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+USAGE = __doc__
+
+
+def _split(args: list[str], *names: str) -> tuple[dict[str, str], list[str]]:
+    """Take `name=value` words for the given names out of the argument list."""
+    taken, rest = {}, []
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key in names and _:
+            taken[key] = value
+        else:
+            rest.append(arg)
+    return taken, rest
+
+
+def _train(args: list[str]) -> None:
+    from pe_lightning.config import load_recipe
+    from pe_lightning.pipeline import run_stage
+
+    picked, overrides = _split(args, "stage", "recipe")
+    if "stage" not in picked:
+        raise SystemExit("usage: pe-lightning train stage=NAME [recipe=FILE] [key=value ...]")
+    cfg = load_recipe(picked["stage"], overrides, recipe=picked.get("recipe"))
+    run_stage(cfg)
+
+
+def _pipeline(args: list[str]) -> None:
+    from pe_lightning.pipeline import run_pipeline
+
+    picked, overrides = _split(args, "run")
+    run_pipeline(picked.get("run", "default"), overrides)
+
+
+def _status(args: list[str]) -> None:
+    from pe_lightning.pipeline import status
+
+    picked, rest = _split(args, "run", "runs_dir", "stage")
+    print(status(picked.get("runs_dir", "runs"), picked.get("run", "default")))
+
+
+def _data(args: list[str]) -> None:
+    if not args or args[0] != "shapes":
+        raise SystemExit("usage: pe-lightning data shapes --out DIR [--train N] [--seed S] [--size PX]")
+    from pe_lightning.data.shapes.cli import main as shapes_main
+
+    shapes_main(args[1:])
+
+
+COMMANDS = {"train": _train, "pipeline": _pipeline, "status": _status, "data": _data}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help") or argv[0] not in COMMANDS:
+        print(USAGE)
+        raise SystemExit(0 if argv and argv[0] in ("-h", "--help", "help") else 2)
+    logging.basicConfig(level=logging.INFO, format="[pe-lightning] %(message)s")
+    from pe_lightning.errors import USER_ERRORS
+
+    try:
+        COMMANDS[argv[0]](argv[1:])
+    except USER_ERRORS as err:
+        if os.environ.get("PE_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

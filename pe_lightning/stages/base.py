@@ -1,0 +1,113 @@
+"""What every stage shares: the model, the optimizer and schedule, samples seen, seeding and export."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pe_lightning.models import build_model
+from pe_lightning.models.checkpoint import export_checkpoint
+from pe_lightning.stages.optim import WarmupCosine, build_optimizer, param_groups, set_lr
+from pe_lightning.stages.phases import Phase, PhaseSchedule
+
+
+class PEStage(L.LightningModule):
+    """Base LightningModule of every stage.
+
+    The learning rate and the progressive-resolution phase are pure functions of `samples_seen`, and every
+    step reseeds torch from (seed, step, rank): a run resumed from a checkpoint therefore continues exactly
+    as the uninterrupted run would have.
+    """
+
+    def __init__(self, cfg: DictConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.save_hyperparameters({"recipe": OmegaConf.to_container(cfg, resolve=True)})
+        self.model = build_model(cfg.model.preset, vision=dict(cfg.model.vision), text=dict(cfg.model.text))
+        self.samples_seen = 0  # global samples trained on (all ranks)
+        self.train_seconds = 0.0  # wall time spent in fit, summed over resumes
+        self.metrics: dict[str, Any] = {}  # headline metrics, written to export/metrics.json
+        self.schedule = self._build_phase_schedule()
+        self.lr_schedule = WarmupCosine(cfg.optim.lr, cfg.optim.warmup_samples, cfg.train.total_samples,
+                                        cfg.optim.min_lr_ratio)
+        self._fit_started_at = 0.0
+        if cfg.model.compile:
+            self.compile_towers()
+
+    def compile_towers(self) -> None:
+        """torch.compile each tower in place (state-dict keys unchanged). Shapes change only at phase
+        boundaries and for the masked sub-batch, so a run compiles a handful of graphs, not one per step."""
+        self.model.visual.compile(dynamic=False)
+        self.model.transformer.compile(dynamic=False)
+
+    # ----- schedule over samples seen -----
+    def _build_phase_schedule(self) -> PhaseSchedule:
+        train = self.cfg.train
+        phases = [Phase(p.until_samples, p.resolution, p.batch_size) for p in train.phases]
+        if not phases:
+            phases = [Phase(train.total_samples, self.cfg.data.image_size, train.batch_size)]
+        return PhaseSchedule(phases, train.total_samples, patch_size=self.model.visual.patch_size,
+                             chunk_size=self.cfg.data.chunk_size)
+
+    def phase(self) -> Phase:
+        return self.schedule.at(self.samples_seen)[1]
+
+    def local_batch_size(self, samples_consumed_local: int) -> int:
+        """Batch size per rank for the batch that starts at this rank's stream position."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return self.schedule.at(samples_consumed_local * world)[1].batch_size // world
+
+    @property
+    def finished(self) -> bool:
+        return self.samples_seen >= self.cfg.train.total_samples
+
+    # ----- optimizer -----
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        groups = param_groups(self.trainable_module(), o.weight_decay)
+        # Lightning clips the gradient norm (optim.grad_clip); timm's LAMB would clip a second time.
+        extra = {"max_grad_norm": None} if o.name == "lamb" else {}
+        return build_optimizer(groups, o.name, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps, **extra)
+
+    def trainable_module(self) -> torch.nn.Module:
+        return self.model
+
+    # ----- per-step bookkeeping -----
+    def on_train_start(self) -> None:
+        self._fit_started_at = time.monotonic() - self.train_seconds
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        torch.manual_seed(self.cfg.seed * 1_000_003 + self.global_step * 7919 + self.global_rank)
+        lr = self.lr_schedule(self.samples_seen)
+        for optimizer in self.trainer.optimizers:
+            set_lr(optimizer, lr)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.samples_seen += self.batch_samples(batch) * self.trainer.world_size
+        self.train_seconds = time.monotonic() - self._fit_started_at
+        if self.finished:
+            self.trainer.should_stop = True
+
+    def batch_samples(self, batch: dict) -> int:
+        return next(iter(batch.values())).shape[0]
+
+    # ----- checkpoint state beyond Lightning's -----
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["pe_state"] = {"samples_seen": self.samples_seen, "train_seconds": self.train_seconds,
+                                  "metrics": self.metrics}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("pe_state", {})
+        self.samples_seen = int(state.get("samples_seen", 0))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.metrics = dict(state.get("metrics", {}))
+
+    # ----- export -----
+    def export(self, out_dir: Path) -> None:
+        """Write this stage's weights in Meta's layout into `out_dir` (the manager makes it atomic)."""
+        export_checkpoint(self.model, out_dir / "model.pt")

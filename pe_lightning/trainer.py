@@ -1,0 +1,72 @@
+"""How a stage is run by Lightning: the Trainer, its logger and callbacks, and the data."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig
+
+from pe_lightning.callback_loader import build_callbacks
+from pe_lightning.models.checkpoint import load_checkpoint
+from pe_lightning.stages.base import PEStage
+
+log = logging.getLogger("pe_lightning")
+
+
+def resolve_precision(requested: str) -> str:
+    """`auto`: bf16 mixed precision where a GPU is present, full fp32 on CPU."""
+    if requested != "auto":
+        return requested
+    return "bf16-mixed" if torch.cuda.is_available() else "32-true"
+
+
+def build_trainer(cfg: DictConfig, stage_root: Path, callbacks: list[L.Callback]) -> L.Trainer:
+    t = cfg.trainer
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    logger = TensorBoardLogger(save_dir=str(stage_root), name="tb", version="", default_hp_metric=False)
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=resolve_precision(t.precision),
+        max_epochs=-1,  # a stage ends when it has seen train.total_samples (the stage stops the trainer)
+        max_steps=-1,
+        gradient_clip_val=cfg.optim.grad_clip or None,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        logger=logger,
+        callbacks=callbacks,
+        enable_checkpointing=False,  # the `checkpoint` callback writes last.ckpt atomically
+        log_every_n_steps=cfg.train.log_every_n_steps,
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # the data pipeline splits shards by rank and worker itself
+        default_root_dir=str(stage_root),
+    )
+
+
+def build_datamodule(cfg: DictConfig, module: PEStage) -> L.LightningDataModule:
+    from pe_lightning.data.datamodule import ImageTextDataModule
+    from pe_lightning.models.tokenizer import get_tokenizer
+
+    tokenize = get_tokenizer(module.model.context_length)
+    return ImageTextDataModule(cfg.data, tokenize=tokenize, seed=cfg.seed, batch_size_fn=module.local_batch_size)
+
+
+def fit_stage(stage_cls: type[PEStage], cfg: DictConfig, sdir: Any, ckpt: Path | None,
+              init_weights: Path | None) -> tuple[PEStage, L.Trainer]:
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = stage_cls(cfg)
+    if init_weights is not None:
+        load_checkpoint(module.model, init_weights)
+    trainer = build_trainer(cfg, sdir.root, build_callbacks(cfg, sdir))
+    datamodule = build_datamodule(cfg, module)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    return module, trainer

@@ -1,0 +1,72 @@
+"""The recipe loader: layers in order, overrides, and clear errors for typos and bad values."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from pe_lightning.config import RECIPES_DIR, RecipeError, load_recipe, result_keys
+
+
+def test_layers_merge_in_order():
+    cfg = load_recipe("pretrain")
+    assert cfg.optim.name == "lamb" and cfg.optim.lr == pytest.approx(2e-3)  # stage file
+    assert [p.resolution for p in cfg.train.phases] == [32, 48, 64]  # models/tiny.yaml
+    assert cfg.data.augment.crop_scale_min == pytest.approx(0.8)  # data/shapes.yaml
+    assert cfg.eval.zeroshot[0].path == "data/shapes/zeroshot/test"  # interpolation resolved from base
+
+
+def test_command_line_overrides_win_and_shorthands_expand():
+    cfg = load_recipe("pretrain", ["optim.lr=1e-3", "model=PE-Core-B16-224", "run=abc"])
+    assert cfg.optim.lr == pytest.approx(1e-3)
+    assert cfg.model.preset == "PE-Core-B16-224"
+    assert cfg.train.total_samples == 58_000_000_000  # the model preset's recipe layer was picked up
+    assert cfg.run == "abc"
+
+
+def test_variant_recipe_file():
+    cfg = load_recipe("pretrain", recipe="pretrain_vanilla")
+    assert cfg.optim.name == "adamw" and not cfg.mask_reg.enabled and len(cfg.train.phases) == 0
+    assert cfg.stage == "pretrain"
+
+
+@pytest.mark.parametrize("override, named", [
+    ("optim.lrr=1", "optim.lrr"),
+    ("trainr.devices=2", "trainr"),
+    ("data.augment.hflipp=0", "hflipp"),
+])
+def test_unknown_key_is_named(override, named):
+    with pytest.raises(RecipeError, match=named):
+        load_recipe("pretrain", [override])
+
+
+def test_bad_value_is_named():
+    with pytest.raises(RecipeError, match="total_samples"):
+        load_recipe("pretrain", ["train.total_samples=lots"])
+
+
+def test_unknown_model_field_and_preset_are_named():
+    with pytest.raises(RecipeError, match="widht"):
+        load_recipe("pretrain", ["model.vision.widht=3"])
+    with pytest.raises(RecipeError, match="PE-Core-X99"):
+        load_recipe("pretrain", ["model=PE-Core-X99"])
+
+
+def test_typo_in_a_recipe_file_names_file_and_key(tmp_path):
+    for name in ("base.yaml", "pipeline.yaml"):
+        (tmp_path / name).write_text((RECIPES_DIR / name).read_text())
+    (tmp_path / "pretrain.yaml").write_text("optim:\n  nmae: lamb\n")
+    with pytest.raises(RecipeError, match=r"pretrain.yaml.*optim.nmae"):
+        load_recipe("pretrain", recipes_dir=tmp_path)
+
+
+def test_unknown_stage_lists_recipe_files():
+    with pytest.raises(RecipeError, match="pretrain"):
+        load_recipe("pretrian")
+
+
+def test_result_keys_ignore_bookkeeping_only():
+    a = load_recipe("pretrain")
+    b = load_recipe("pretrain", ["run=other", "trainer.progress_bar=false", "eval.every_n_steps=5"])
+    c = load_recipe("pretrain", ["optim.lr=0.1"])
+    assert result_keys(a) == result_keys(b)
+    assert result_keys(a) != result_keys(c)
+    assert OmegaConf.is_config(a)
