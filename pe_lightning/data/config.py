@@ -33,16 +33,23 @@ class AugmentConfig:
 class DataConfig:
     """Where samples come from and how they are read."""
 
+    preset: str = "shapes"  # recipes/data/<preset>.yaml is merged when it exists
     root: str = "data/shapes"  # the shapes world is generated here on first use when `generate` is true
     generate: bool = True  # generate the shapes world into `root` if it is missing
     shapes_train: int = 20000  # scenes in the generated train split
     shapes_seed: int = 0
+    shapes_size: int = 64  # image side of the generated shapes world (the loader resizes to image_size)
     train: list[SourceConfig] = field(default_factory=list)  # empty -> the shapes world's train split
-    video: list[SourceConfig] = field(default_factory=list)
+    video: list[SourceConfig] = field(default_factory=list)  # empty -> the shapes world's video/train split
+    instruct: list[SourceConfig] = field(default_factory=list)  # empty -> the shapes world's instruct split
     image_size: int = 64  # size the loader emits; the stage resizes on device per phase
     num_frames: int = 8  # frames sampled uniformly per clip
     workers: int = 2
     chunk_size: int = 16  # samples per worker chunk; batch sizes must be multiples of it
+    streams: int = 0  # independent reader streams per rank (0 = max(1, workers)); the sample order depends on
+    #                   it, never on the worker count (the loader uses the largest worker count <= workers that
+    #                   divides it); a resumed run keeps the checkpoint's count
     resampled: bool = True  # infinite, seeded shard resampling (recommended for training)
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # samples (raw bytes) per reader stream, drained at each shard's end
+    video_shuffle_buffer: int = 64  # the same for video clips, whose raw bytes are much larger
     augment: AugmentConfig = field(default_factory=AugmentConfig)
