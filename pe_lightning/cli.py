@@ -57,7 +57,7 @@ def _data(args: list[str]) -> None:
         raise SystemExit("usage: pe-lightning data shapes --out DIR [--train N] [--seed S] [--size PX]")
     from pe_lightning.data.shapes.cli import main as shapes_main
 
-    shapes_main(args[1:])
+    raise SystemExit(shapes_main(args[1:]))
 
 
 COMMANDS = {"train": _train, "pipeline": _pipeline, "status": _status, "data": _data}

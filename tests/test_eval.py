@@ -190,3 +190,11 @@ def test_retrieval_collapsed_model_scores_zero_and_bad_batches():
     assert out == {"i2t_r1": 0.0, "i2t_r2": 0.0, "t2i_r1": 0.0, "t2i_r2": 0.0}
     with pytest.raises(ValueError, match="3 images but captions for 2"):
         retrieval_eval(model, [(torch.ones(3, 2), caps[:2])], tok)
+
+
+def test_clip_benchmark_template_placeholders():
+    from pe_lightning.eval.zeroshot import _fill
+
+    assert _fill("a photo of a {c}.", "red circle") == "a photo of a red circle."
+    assert _fill("a {}.", "red circle") == "a red circle."
+    assert _fill(lambda c: f"itap of a {c}", "red circle") == "itap of a red circle"

@@ -38,7 +38,10 @@ def _display(name: ClassName) -> str:
 
 
 def _fill(template: Template, classname: str) -> str:
-    return template(classname) if callable(template) else template.format(classname)
+    """CLIP_benchmark template files write `{c}`; open_clip's templates are callables; `{}` also works."""
+    if callable(template):
+        return template(classname)
+    return template.replace("{c}", classname).replace("{}", classname)
 
 
 def build_zeroshot_classifier(
