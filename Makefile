@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PINS_HASH := $(shell cat pyproject.toml requirements.lock | sha1sum | cut -c1-12)
 STAMP := $(VENV)/.installed-$(PINS_HASH)
 # All command-line `key=value` words, passed on to pe-lightning as recipe overrides.
-OVERRIDES := $(foreach v,$(filter-out PYTHON,$(.VARIABLES)),$(if $(filter command line,$(origin $(v))),$(v)=$($(v))))
+OVERRIDES := $(foreach v,$(filter-out PYTHON,$(.VARIABLES)),$(if $(filter command line,$(origin $(v))),'$(v)=$($(v))'))
 run ?= default
 
 .DEFAULT_GOAL := default

@@ -198,13 +198,29 @@ def load_recipe(stage: str, overrides: list[str] | None = None, recipes_dir: Pat
 
 
 def _validate_model_overrides(cfg: DictConfig) -> None:
-    """Model overrides are free-form dicts in the schema; check them against the preset dataclasses."""
+    """Model overrides are free-form dicts in the schema; check them against the preset dataclasses.
+    Then check the schedules, which need the model's patch size, so bad values fail before any work."""
     from pe_lightning.models.presets import get_preset
+    from pe_lightning.stages.optim import WarmupCosine
+    from pe_lightning.stages.phases import PhaseSchedule
 
     try:
-        get_preset(cfg.model.preset, vision=dict(cfg.model.vision), text=dict(cfg.model.text))
+        preset = get_preset(cfg.model.preset, vision=dict(cfg.model.vision), text=dict(cfg.model.text))
     except (ValueError, TypeError) as err:
         raise RecipeError(f"model section: {err}") from err
+    train = cfg.train
+    phases = [(p.until_samples, p.resolution, p.batch_size) for p in train.phases] or [
+        (train.total_samples, cfg.data.image_size, train.batch_size)]
+    try:
+        PhaseSchedule(phases, train.total_samples, patch_size=preset.vision.patch_size,
+                      chunk_size=cfg.data.chunk_size)
+        WarmupCosine(cfg.optim.lr, cfg.optim.warmup_samples, train.total_samples, cfg.optim.min_lr_ratio)
+    except ValueError as err:
+        raise RecipeError(f"train/optim schedule: {err}") from err
+    too_large = [p[1] for p in phases if p[1] > cfg.data.image_size]
+    if too_large:
+        raise RecipeError(f"train.phases resolution {too_large[0]} exceeds data.image_size "
+                          f"{cfg.data.image_size}: the loader emits data.image_size; raise it")
 
 
 def to_yaml(cfg: DictConfig) -> str:

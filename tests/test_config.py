@@ -70,3 +70,14 @@ def test_result_keys_ignore_bookkeeping_only():
     assert result_keys(a) == result_keys(b)
     assert result_keys(a) != result_keys(c)
     assert OmegaConf.is_config(a)
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["optim.warmup_samples=70000"], "warmup_samples"),
+    (["train.phases=[{until_samples: 60000, resolution: 30, batch_size: 64}]"], "multiple of the patch size"),
+    (["train.phases=[{until_samples: 60000, resolution: 128, batch_size: 64}]"], "exceeds data.image_size"),
+    (["train.phases=[{until_samples: 60000, resolution: 64, batch_size: 60}]"], "chunk"),
+])
+def test_bad_schedules_fail_at_load(overrides, named):
+    with pytest.raises(RecipeError, match=named):
+        load_recipe("pretrain", overrides)
