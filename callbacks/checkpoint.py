@@ -11,6 +11,7 @@ import signal
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 class AtomicCheckpoint(L.Callback):
@@ -28,6 +29,7 @@ class AtomicCheckpoint(L.Callback):
         self.root = Path(stage_root)
         self.path = self.root / "checkpoints" / "last.ckpt"
         self._signalled = False
+        self._saved_step = -1
         self._previous_handlers: dict[int, object] = {}
 
     # ----- signals -----
@@ -40,6 +42,12 @@ class AtomicCheckpoint(L.Callback):
                 self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
             except ValueError:  # not the main thread (e.g. a notebook worker): signals stay as they were
                 pass
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # Lightning turns SIGTERM into SIGTERMException between steps (and Ctrl-C, when our handler is not
+        # installed, into KeyboardInterrupt): the state is that of a finished step, so save it.
+        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) and trainer.global_step > self._saved_step:
+            self.save(trainer, pl_module)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for signum, handler in self._previous_handlers.items():
@@ -66,7 +74,8 @@ class AtomicCheckpoint(L.Callback):
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         trainer.strategy.barrier()
-        trainer.save_checkpoint(tmp)  # collective under FSDP; rank 0 writes
+        trainer.save_checkpoint(tmp, weights_only=False)  # collective under FSDP; rank 0 writes
+        self._saved_step = trainer.global_step
         if trainer.is_global_zero:
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())

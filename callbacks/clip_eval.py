@@ -69,7 +69,7 @@ class ClipEval(L.Callback):
     def _run_sets(self, model: torch.nn.Module, pl_module: L.LightningModule) -> dict[str, float]:
         ev, device = self.cfg.eval, pl_module.device
         tokenize = get_tokenizer(model.context_length)
-        resolution = pl_module.phase().resolution
+        resolution = pl_module.current_phase.resolution
         preprocess = lambda images: resize_to(images.to(device), resolution)  # noqa: E731
         metrics: dict[str, float] = {}
         for index, entry in enumerate(ev.zeroshot):

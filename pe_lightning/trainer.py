@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from pe_lightning.callback_loader import build_callbacks
@@ -68,5 +69,8 @@ def fit_stage(stage_cls: type[PEStage], cfg: DictConfig, sdir: Any, ckpt: Path |
         load_checkpoint(module.model, init_weights)
     trainer = build_trainer(cfg, sdir.root, build_callbacks(cfg, sdir))
     datamodule = build_datamodule(cfg, module)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    except SIGTERMException:
+        log.info("SIGTERM: stopped at %d samples after saving a checkpoint", module.samples_seen)
     return module, trainer

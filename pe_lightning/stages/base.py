@@ -36,6 +36,7 @@ class PEStage(L.LightningModule):
         self.lr_schedule = WarmupCosine(cfg.optim.lr, cfg.optim.warmup_samples, cfg.train.total_samples,
                                         cfg.optim.min_lr_ratio)
         self._fit_started_at = 0.0
+        self.current_phase = self.phase()  # the phase of the batch being trained (set at batch start)
         if cfg.model.compile:
             self.compile_towers()
 
@@ -83,12 +84,23 @@ class PEStage(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         torch.manual_seed(self.cfg.seed * 1_000_003 + self.global_step * 7919 + self.global_rank)
+        self.current_phase = self.phase()
         lr = self.lr_schedule(self.samples_seen)
         for optimizer in self.trainer.optimizers:
             set_lr(optimizer, lr)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self.step(batch, self.current_phase)
+        # Counted here, not in on_train_batch_end: Lightning runs the callbacks' on_train_batch_end (the
+        # checkpoint among them) before the module's, and a checkpoint must hold the count of this batch.
         self.samples_seen += self.batch_samples(batch) * self.trainer.world_size
+        return loss
+
+    def step(self, batch: Any, phase: Phase) -> torch.Tensor:
+        """One stage's loss on one batch (subclasses)."""
+        raise NotImplementedError
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.train_seconds = time.monotonic() - self._fit_started_at
         if self.finished:
             self.trainer.should_stop = True

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from pe_lightning.stages.base import PEStage
+from pe_lightning.stages.phases import Phase
 from pe_lightning.stages.losses import clamp_logit_scale, clip_loss, mask_feature_loss
 
 
@@ -35,8 +36,7 @@ class PretrainStage(PEStage):
         if cfg.mask_reg.enabled and getattr(self.model.visual, "mask_token", None) is None:
             self.model.visual.add_mask_token()  # learned; left out of Meta-layout exports
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        phase = self.phase()
+    def step(self, batch: dict, phase: Phase) -> torch.Tensor:
         images = resize_to(batch["image"], phase.resolution)
         clamp_logit_scale(self.model.logit_scale, self.cfg.train.max_logit_scale)
 

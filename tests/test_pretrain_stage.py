@@ -1,0 +1,76 @@
+"""The pretrain stage end to end on a tiny model: export, metrics, phases, learning."""
+
+import json
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import tiny_run
+from pe_lightning.config import load_recipe
+from pe_lightning.models import build_model
+from pe_lightning.models.checkpoint import load_checkpoint
+from pe_lightning.pipeline import StageDir, run_stage
+
+RECORDER = '''
+import json, lightning as L
+class Recorder(L.Callback):
+    def __init__(self, out):
+        self.out = out
+        self.rows = []
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.rows.append([pl_module.samples_seen, pl_module.phase().resolution, batch["image"].shape[0]])
+    def on_train_end(self, trainer, pl_module):
+        open(self.out, "w").write(json.dumps(self.rows))
+'''
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_world, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    recorder = runs / "recorder.py"
+    recorder.write_text(RECORDER)
+    callbacks = ("callbacks=[{name: checkpoint}, {name: throughput}, {name: clip_eval}, "
+                 f"{{name: '{recorder}:Recorder', args: {{out: '{runs / 'steps.json'}'}}}}]")
+    cfg = load_recipe("pretrain", tiny_run(tiny_world, runs, callbacks))
+    export = run_stage(cfg)
+    return cfg, StageDir(runs / "t" / "pretrain"), export, json.loads((runs / "steps.json").read_text())
+
+
+def test_export_is_complete_and_loads(finished_run):
+    cfg, sdir, export, _ = finished_run
+    assert export == sdir.export and sdir.done.exists()
+    assert {"model.pt", "config.yaml", "metrics.json"} <= {p.name for p in export.iterdir()}
+    model = build_model(cfg.model.preset, vision=dict(cfg.model.vision), text=dict(cfg.model.text))
+    report = load_checkpoint(model, export / "model.pt")
+    assert report.format == "meta" and not report.missing
+    state = torch.load(export / "model.pt", weights_only=True)
+    assert "visual.mask_token" not in state  # Meta's layout: the training-only mask token stays out
+
+
+def test_metrics_have_the_headline_keys(finished_run):
+    _, _, export, _ = finished_run
+    metrics = json.loads((export / "metrics.json").read_text())
+    for key in ("zeroshot_top1", "zeroshot_heldout_top1", "retrieval_i2t_r1", "retrieval_t2i_r1",
+                "samples_seen", "train_seconds", "zeroshot_colour_acc", "zeroshot_shape_acc",
+                "zeroshot_outline_top1", "zeroshot_texture_top1", "zeroshot_noise_top1"):
+        assert key in metrics, key
+    assert metrics["samples_seen"] == 192 and metrics["train_seconds"] > 0
+    assert 0.0 <= metrics["zeroshot_top1"] <= 1.0
+
+
+def test_phases_switch_resolution_and_batch_at_the_right_samples(finished_run):
+    *_, steps = finished_run
+    assert steps == [[0, 16, 32], [32, 16, 32]] + [[64 + 16 * i, 32, 16] for i in range(8)]
+
+
+def test_training_curves_reach_tensorboard(finished_run):
+    _, sdir, *_ = finished_run
+    events = EventAccumulator(str(sdir.root / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("train/loss", "train/temperature", "train/lr", "train/resolution", "train/batch_size",
+                "perf/images_per_sec", "eval/zeroshot_top1"):
+        assert tag in tags, tag
+    resolutions = [e.value for e in events.Scalars("train/resolution")]
+    assert resolutions[0] == 16 and resolutions[-1] == 32
