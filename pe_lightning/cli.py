@@ -60,6 +60,16 @@ def _data(args: list[str]) -> None:
     raise SystemExit(shapes_main(args[1:]))
 
 
+def _configure_logging() -> None:
+    """Our messages prefixed on stderr; Lightning keeps its own handler (no duplicated lines)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[pe-lightning] %(message)s"))
+    ours = logging.getLogger("pe_lightning")
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
+
+
 COMMANDS = {"train": _train, "pipeline": _pipeline, "status": _status, "data": _data}
 
 
@@ -68,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help") or argv[0] not in COMMANDS:
         print(USAGE)
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help", "help") else 2)
-    logging.basicConfig(level=logging.INFO, format="[pe-lightning] %(message)s")
+    _configure_logging()
     from pe_lightning.errors import USER_ERRORS
 
     try:
