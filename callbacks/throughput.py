@@ -2,7 +2,8 @@
 
 MFU = model FLOPs per second (counted with torch.utils.flop_counter on a meta-device copy of the model at
 the current resolution) / the dense matmul peak measured on the same device at the start of the run.
-Timing reads the clock only at log steps, so it adds no host synchronisation to other steps.
+Timing reads the clock only at log steps, after waiting for the device there (one host synchronisation per
+log interval, none on other steps), so the rate is the device's real rate, not how fast Python queued work.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import time
 
 import lightning as L
 
-from pe_lightning.perf import matmul_peak_flops, training_flops_per_sample
+from pe_lightning.perf import matmul_peak_flops, synchronize, training_flops_per_sample
 
 
 class ThroughputMonitor(L.Callback):
@@ -22,21 +23,29 @@ class ThroughputMonitor(L.Callback):
         self._window_start = 0.0
         self._window_samples = 0
         self._window_flops = 0.0
+        self._flops_at: dict[int, float] = {}  # resolution -> FLOPs per sample
+
+    def _flops(self, resolution: int) -> float:
+        if resolution not in self._flops_at:
+            model = self.cfg.model
+            self._flops_at[resolution] = training_flops_per_sample(model.preset, resolution, dict(model.vision),
+                                                                   dict(model.text))
+        return self._flops_at[resolution]
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.measure_peak:
             self.peak_flops = matmul_peak_flops(pl_module.device)
+        synchronize(pl_module.device)
         self._window_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         samples = pl_module.batch_samples(batch) * trainer.world_size
-        resolution = pl_module.phase().resolution
-        model = self.cfg.model
-        flops = training_flops_per_sample(model.preset, resolution, dict(model.vision), dict(model.text))
         self._window_samples += samples
-        self._window_flops += flops * samples
+        phase = getattr(pl_module, "current_phase", None) or pl_module.phase()  # the phase of this batch
+        self._window_flops += self._flops(phase.resolution) * samples
         if trainer.global_step % trainer.log_every_n_steps:
             return
+        synchronize(pl_module.device)
         elapsed = time.perf_counter() - self._window_start
         rate = self._window_samples / elapsed
         pl_module.log("perf/images_per_sec", rate, prog_bar=True)

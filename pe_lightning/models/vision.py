@@ -42,6 +42,24 @@ def resample_posemb(posemb: torch.Tensor, num_prefix_tokens: int, new_hw: Tuple[
     return torch.cat([prefix, grid], dim=0)
 
 
+def _raise_recompile_limit(limit: int) -> None:
+    """Let torch.compile keep at least `limit` graphs per function (its default, 8, is easily reached by
+    progressive-resolution phases x masked sub-batch x train/eval, after which it silently runs eager)."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+        if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < limit:
+            setattr(dynamo_config, name, limit)
+
+
+def _forward_features(tower: "VisionTransformer", x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    return tower._forward_features(x, mask)
+
+
+def _forward_head(tower: "VisionTransformer", tokens: torch.Tensor) -> torch.Tensor:
+    return tower._forward_head(tokens)
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -123,6 +141,27 @@ class VisionTransformer(nn.Module):
         return resample_posemb(self.positional_embedding, self.num_prefix_tokens, (grid_h, grid_w))
 
     # ------------------------------------------------------------------------------------------------------
+    # torch.compile
+    _compiled_features = None  # set by compile(): the compiled `_forward_features` / `_forward_head`
+    _compiled_head = None
+
+    def compile(self, *args, **kwargs) -> None:
+        """torch.compile the tower in place (state-dict keys unchanged; arguments as for `torch.compile`).
+
+        `nn.Module.compile` only compiles `__call__`, but the stages call `forward_features` and `forward_head`
+        directly (the pretrain stage needs the tokens for mask regularization), so those two entry points are
+        compiled here, each into one graph; `forward` (and `__call__`) goes through them. The compiled functions
+        take the module as an argument rather than binding it, so a `copy.deepcopy` of a compiled tower (a
+        frozen teacher) runs its own weights. The recompile limit is raised to at least 64, so progressive
+        resolution phases x (full batch, masked sub-batch) x (train, eval) stay compiled."""
+        _raise_recompile_limit(64)
+        self._compiled_features = torch.compile(_forward_features, *args, **kwargs)
+        self._compiled_head = torch.compile(_forward_head, *args, **kwargs)
+
+    @property
+    def is_compiled(self) -> bool:
+        return self._compiled_features is not None
+
     def _embed(self, x: torch.Tensor, mask: Optional[torch.Tensor]):
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got shape {tuple(x.shape)}")
@@ -148,6 +187,11 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Tokens [B, prefix + gh*gw, W] after the last block (and `ln_post` where present)."""
+        if self._compiled_features is not None and not torch.compiler.is_compiling():
+            return self._compiled_features(self, x, mask)
+        return self._forward_features(x, mask)
+
+    def _forward_features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         x, rope, _ = self._embed(x, mask)
         x = self.transformer(x, rope=rope)
         if self.ln_post is not None:
@@ -157,6 +201,11 @@ class VisionTransformer(nn.Module):
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
         """Attention pooling + proj where present: [B, out]. Without a pooling head the tokens pass
         through (projected by `proj` if there is one), as in Meta's code."""
+        if self._compiled_head is not None and not torch.compiler.is_compiling():
+            return self._compiled_head(self, tokens)
+        return self._forward_head(tokens)
+
+    def _forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
         x = tokens
         if self.attn_pool is not None:
             x = self.attn_pool(x)

@@ -1,0 +1,169 @@
+"""Section `variants`: our step with one thing changed, through the minimal loop (compare with the step
+section's `ours: minimal loop` row). Each row is evidence for (or against) a change to code the bench does
+not own:
+
+  no-mask-reg  mask_reg.enabled=false: what mask regularization costs (open_clip has none);
+  fused-mask   the masked 1/16 sub-batch concatenated to the batch: one vision forward/backward of B + B/16
+               images instead of B and then B/16 (a proposed change to PretrainStage.training_step; the same
+               loss up to floating-point summation order);
+  eager        model.compile off: what torch.compile buys.
+
+Then the optimizer part alone (`optimizer`): gradient clipping, the recipe's LAMB step and torch's fused
+AdamW over the same parameters, in ms per step.
+"""
+
+from __future__ import annotations
+
+import types
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from bench.common import Window, error_record, free_memory
+from bench.step import StageUnderTest, lamb_path, run_loop
+
+VARIANTS = ("no-mask-reg", "eager", "fused-mask")
+LABELS = {"no-mask-reg": "ours (loop): no mask regularization",
+          "eager": "ours (loop): eager (no torch.compile)",
+          "fused-mask": "ours (loop): masked sub-batch fused into the batch"}
+
+
+def step_fused_mask(self, batch: dict, phase) -> torch.Tensor:
+    """PretrainStage.step with the masked copies of the first B/16 images run in the same vision forward as
+    the batch (rows B.. of one [B + B/16] forward; the unmasked rows see an all-False mask)."""
+    from pe_lightning.stages.losses import clamp_logit_scale, clip_loss, mask_feature_loss
+    from pe_lightning.stages.pretrain import random_patch_mask, resize_to
+
+    images = resize_to(batch["image"], phase.resolution)
+    clamp_logit_scale(self.model.logit_scale, self.cfg.train.max_logit_scale)
+    cfg = self.cfg.mask_reg
+    b = images.shape[0]
+    count = max(1, int(round(b * cfg.batch_fraction)))
+    grid = images.shape[-1] // self.model.visual.patch_size
+    mask = random_patch_mask(count, grid * grid, cfg.mask_ratio, images.device)
+    full_mask = torch.cat([mask.new_zeros(b, grid * grid), mask])
+    all_tokens = self.model.visual.forward_features(torch.cat([images, images[:count]]), mask=full_mask)
+    tokens, masked_tokens = all_tokens[:b], all_tokens[b:]
+    image_features = self.model.visual.forward_head(tokens)
+    text_features = self.model.encode_text(batch["text"])
+    loss_clip = clip_loss(image_features, text_features, self.model.logit_scale)
+    loss_mask = mask_feature_loss(masked_tokens, tokens[:count].detach())
+    loss = loss_clip + cfg.weight * loss_mask
+    self.log("train/loss", loss, prog_bar=True)
+    self.log("train/loss_clip", loss_clip)
+    self.log("train/loss_mask", loss_mask)
+    return loss
+
+
+def training_step_fused_mask(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    """For a stage whose training_step holds the loss itself (no `step(batch, phase)` hook)."""
+    return step_fused_mask(self, batch, self.phase())
+
+
+@contextmanager
+def variant(sut: StageUnderTest, name: str):
+    stage = sut.stage
+    if name == "no-mask-reg":
+        old = stage.cfg.mask_reg.enabled
+        stage.cfg.mask_reg.enabled = False
+        try:
+            yield 0.0
+        finally:
+            stage.cfg.mask_reg.enabled = old
+    elif name == "fused-mask":
+        hook = "step" if callable(getattr(type(stage), "step", None)) else "training_step"
+        fn = step_fused_mask if hook == "step" else training_step_fused_mask
+        setattr(stage, hook, types.MethodType(fn, stage))
+        try:
+            yield None
+        finally:
+            delattr(stage, hook)
+    elif name == "eager":
+        visual, text = stage.model.visual, stage.model.transformer
+        saved = (visual._compiled_features, visual._compiled_head, text._compiled_call_impl)
+        visual._compiled_features = visual._compiled_head = None
+        text._compiled_call_impl = None
+        try:
+            yield None
+        finally:
+            visual._compiled_features, visual._compiled_head, text._compiled_call_impl = saved
+    else:
+        raise ValueError(f"unknown variant {name!r}; valid: {', '.join(VARIANTS)}")
+
+
+def optimizer_costs(sut: StageUnderTest, ctx, iters: int = 10) -> dict:
+    """The optimizer part of the step alone, on our stage's parameters with random gradients: Lightning's
+    gradient clipping (clip_grad_norm_), the recipe's LAMB step, and torch's fused AdamW (open_clip's) for
+    scale. Milliseconds per step (CUDA events). The weights move: run it last."""
+    from pe_lightning.stages.optim import param_groups
+
+    device = sut.device
+    stage = sut.stage.to(device)
+    params = [p for p in stage.parameters() if p.requires_grad]
+    gen = torch.Generator(device=device).manual_seed(0)
+    for p in params:
+        p.grad = torch.randn(p.shape, device=device, dtype=p.dtype, generator=gen).mul_(1e-3)
+
+    def timed(fn) -> float:
+        for _ in range(3):
+            fn()
+        window = Window(device)
+        window.start()
+        for _ in range(iters):
+            fn()
+        return window.stop() / iters * 1000
+
+    out: dict[str, Any] = {"params_m": sum(p.numel() for p in params) / 1e6, "tensors": len(params)}
+    try:
+        out["clip_grad_norm_ms"] = timed(lambda: torch.nn.utils.clip_grad_norm_(params, 1.0))
+        lamb = stage.configure_optimizers()
+        out["lamb"] = f"{type(lamb).__module__}.{type(lamb).__name__}, {lamb_path(stage, device)}"
+        out["lamb_step_ms"] = timed(lamb.step)
+        del lamb
+        free_memory(device)
+        fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        groups = [{k: v for k, v in g.items() if k in ("params", "weight_decay")}
+                  for g in param_groups(stage.model, 0.05)]
+        adamw = torch.optim.AdamW(groups, lr=1e-4, **fused)
+        out["adamw_step_ms"] = timed(adamw.step)
+        out["adamw"] = "torch.optim.AdamW " + ("fused" if device.type == "cuda" else "foreach")
+        del adamw
+    finally:
+        for p in params:
+            p.grad = None
+        free_memory(device)
+    out["status"] = "ok"
+    return out
+
+
+def bench_variants(ctx) -> dict:
+    sut = getattr(ctx, "stage_under_test", None) or StageUnderTest(ctx)
+    ctx.stage_under_test = sut
+    section: dict[str, Any] = {"status": "ok", "rows": [],
+                               "compare_with": "step section, row `ours: minimal loop`"}
+    ctx.publish(section)
+    for name in ctx.variants:
+        if name == "fused-mask" and not sut.cfg.mask_reg.enabled:
+            continue
+        if name == "eager" and not sut.cfg.model.compile:
+            continue
+        try:
+            with variant(sut, name) as mask_extra:
+                row = sut.measure(ctx, LABELS[name], name,
+                                  lambda w: run_loop(sut.stage, sut.batch, sut.device, ctx.precision, w, ctx.steps,
+                                                     sut.baseline),
+                                  mask_extra=mask_extra)
+        except ValueError as err:
+            row = {"name": name, "driver": name, "status": "failed", "error": str(err)}
+        section["rows"].append(row)
+        ctx.checkpoint()
+    if ctx.optimizer_costs:
+        print("[bench] optimizer step alone ...", flush=True)
+        try:
+            section["optimizer"] = optimizer_costs(sut, ctx)
+        except Exception as err:
+            section["optimizer"] = error_record(err)
+        ctx.checkpoint()
+    sut.park()
+    return section
