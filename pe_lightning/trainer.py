@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
@@ -30,6 +31,8 @@ def build_trainer(cfg: DictConfig, stage_root: Path, callbacks: list[L.Callback]
     t = cfg.trainer
     if t.threads:
         torch.set_num_threads(t.threads)
+    if t.progress_bar:  # refreshed once per log interval: each refresh reads the metrics (a GPU sync)
+        callbacks = [*callbacks, TQDMProgressBar(refresh_rate=max(1, cfg.train.log_every_n_steps))]
     logger = TensorBoardLogger(save_dir=str(stage_root), name="tb", version="", default_hp_metric=False)
     return L.Trainer(
         accelerator=t.accelerator,

@@ -105,6 +105,12 @@ class PEStage(L.LightningModule):
         if self.finished:
             self.trainer.should_stop = True
 
+    def log_scalars(self, values: dict[str, float]) -> None:
+        """Log host-side numbers as CPU tensors: Lightning copies a Python float to the GPU, a blocking copy
+        that would stall the step until the GPU caught up."""
+        for name, value in values.items():
+            self.log(name, torch.tensor(float(value), dtype=torch.float64), prog_bar=name == "train/batch_size")
+
     def batch_samples(self, batch: dict) -> int:
         return next(iter(batch.values())).shape[0]
 
