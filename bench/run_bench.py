@@ -138,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("[bench] --device cuda but no CUDA device is visible", file=sys.stderr)
         return 2
-    device = torch.device(args.device)
+    device = torch.device("cuda", 0) if args.device == "cuda" else torch.device(args.device)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device.index or 0)
     sections = [s for s in SECTIONS if s in args.sections.split(",")]
     ctx = Context(args, device)
     env = environment(device)

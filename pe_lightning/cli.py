@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help") or argv[0] not in COMMANDS:
         print(USAGE)
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help", "help") else 2)
+    # OpenMP threads that spin while waiting steal the cores from the data workers on small CPU machines.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _configure_logging()
     from pe_lightning.errors import USER_ERRORS
 

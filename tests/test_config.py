@@ -8,8 +8,8 @@ from pe_lightning.config import RECIPES_DIR, RecipeError, load_recipe, result_ke
 
 def test_layers_merge_in_order():
     cfg = load_recipe("pretrain")
-    assert cfg.optim.name == "lamb" and cfg.optim.lr == pytest.approx(2e-3)  # stage file
-    assert [p.resolution for p in cfg.train.phases] == [32, 48, 64]  # models/tiny.yaml
+    assert cfg.optim.name == "lamb" and cfg.optim.lr == pytest.approx(3e-3)  # stage file + models/tiny.yaml
+    assert [p.resolution for p in cfg.train.phases] == [48, 64]  # models/tiny.yaml
     assert cfg.data.augment.crop_scale_min == pytest.approx(0.8)  # data/shapes.yaml
     assert cfg.eval.zeroshot[0].path == "data/shapes/zeroshot/test"  # interpolation resolved from base
 

@@ -435,3 +435,16 @@ def test_bf16_autocast_keeps_rope_fp32():
     cos, _ = v.rope(4, 4)
     assert cos.dtype == torch.float32
     torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.1)
+
+
+def test_conv_stem_keeps_image_content_above_the_position_embedding():
+    # PyTorch's default conv init shrank the stem's output ~10x below its input, under the position
+    # embedding: the tiny model then learnt colour but never shape. He init keeps the content on top.
+    from pe_lightning.models import build_model
+
+    visual = build_model("tiny").visual
+    images = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        content = visual.stem(images).std()
+    assert content > 0.5 * images.std()
+    assert content > 3 * visual.positional_embedding.std()

@@ -74,3 +74,13 @@ def test_training_curves_reach_tensorboard(finished_run):
         assert tag in tags, tag
     resolutions = [e.value for e in events.Scalars("train/resolution")]
     assert resolutions[0] == 16 and resolutions[-1] == 32
+
+
+def test_vanilla_clip_baseline_runs_side_by_side(tiny_world, tmp_path):
+    cfg = load_recipe("pretrain", tiny_run(tiny_world, tmp_path, "run=vanilla",
+                                           "callbacks=[{name: checkpoint}]"), recipe="pretrain_vanilla")
+    assert cfg.optim.name == "adamw" and not cfg.mask_reg.enabled and cfg.model.vision.pool_type == "tok"
+    export = run_stage(cfg)
+    model = build_model(cfg.model.preset, vision=dict(cfg.model.vision), text=dict(cfg.model.text))
+    load_checkpoint(model, export / "model.pt")
+    assert model.visual.attn_pool is None and json.loads((export / "metrics.json").read_text())["samples_seen"] == 192

@@ -48,7 +48,7 @@ from pe_lightning.data.transforms import derive_seed
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2  # 2: 70% single-object train scenes (was 50%)
 MARKER = ".complete"
 SPLIT_TAGS = {"train": 1, "retrieval": 2, "zs/test": 3, "zs/outline": 4, "zs/texture": 5, "zs/noise": 6,
               "video/train": 7, "video/test": 8, "instruct": 9}
