@@ -3,9 +3,6 @@ section's `ours: minimal loop` row). Each row is evidence for (or against) a cha
 not own:
 
   no-mask-reg  mask_reg.enabled=false: what mask regularization costs (open_clip has none);
-  fused-mask   the masked 1/16 sub-batch concatenated to the batch: one vision forward/backward of B + B/16
-               images instead of B and then B/16 (a proposed change to PretrainStage.training_step; the same
-               loss up to floating-point summation order);
   eager        model.compile off: what torch.compile buys.
 
 Then the optimizer part alone (`optimizer`): gradient clipping, the recipe's LAMB step and torch's fused
@@ -14,7 +11,6 @@ AdamW over the same parameters, in ms per step.
 
 from __future__ import annotations
 
-import types
 from contextlib import contextmanager
 from typing import Any
 
@@ -23,42 +19,9 @@ import torch
 from bench.common import Window, error_record, free_memory
 from bench.step import StageUnderTest, lamb_path, run_loop
 
-VARIANTS = ("no-mask-reg", "eager", "fused-mask")
+VARIANTS = ("no-mask-reg", "eager")
 LABELS = {"no-mask-reg": "ours (loop): no mask regularization",
-          "eager": "ours (loop): eager (no torch.compile)",
-          "fused-mask": "ours (loop): masked sub-batch fused into the batch"}
-
-
-def step_fused_mask(self, batch: dict, phase) -> torch.Tensor:
-    """PretrainStage.step with the masked copies of the first B/16 images run in the same vision forward as
-    the batch (rows B.. of one [B + B/16] forward; the unmasked rows see an all-False mask)."""
-    from pe_lightning.stages.losses import clamp_logit_scale, clip_loss, mask_feature_loss
-    from pe_lightning.stages.pretrain import random_patch_mask, resize_to
-
-    images = resize_to(batch["image"], phase.resolution)
-    clamp_logit_scale(self.model.logit_scale, self.cfg.train.max_logit_scale)
-    cfg = self.cfg.mask_reg
-    b = images.shape[0]
-    count = max(1, int(round(b * cfg.batch_fraction)))
-    grid = images.shape[-1] // self.model.visual.patch_size
-    mask = random_patch_mask(count, grid * grid, cfg.mask_ratio, images.device)
-    full_mask = torch.cat([mask.new_zeros(b, grid * grid), mask])
-    all_tokens = self.model.visual.forward_features(torch.cat([images, images[:count]]), mask=full_mask)
-    tokens, masked_tokens = all_tokens[:b], all_tokens[b:]
-    image_features = self.model.visual.forward_head(tokens)
-    text_features = self.model.encode_text(batch["text"])
-    loss_clip = clip_loss(image_features, text_features, self.model.logit_scale)
-    loss_mask = mask_feature_loss(masked_tokens, tokens[:count].detach())
-    loss = loss_clip + cfg.weight * loss_mask
-    self.log("train/loss", loss, prog_bar=True)
-    self.log("train/loss_clip", loss_clip)
-    self.log("train/loss_mask", loss_mask)
-    return loss
-
-
-def training_step_fused_mask(self, batch: dict, batch_idx: int) -> torch.Tensor:
-    """For a stage whose training_step holds the loss itself (no `step(batch, phase)` hook)."""
-    return step_fused_mask(self, batch, self.phase())
+          "eager": "ours (loop): eager (no torch.compile)"}
 
 
 @contextmanager
@@ -71,14 +34,6 @@ def variant(sut: StageUnderTest, name: str):
             yield 0.0
         finally:
             stage.cfg.mask_reg.enabled = old
-    elif name == "fused-mask":
-        hook = "step" if callable(getattr(type(stage), "step", None)) else "training_step"
-        fn = step_fused_mask if hook == "step" else training_step_fused_mask
-        setattr(stage, hook, types.MethodType(fn, stage))
-        try:
-            yield None
-        finally:
-            delattr(stage, hook)
     elif name == "eager":
         visual, text = stage.model.visual, stage.model.transformer
         saved = (visual._compiled_features, visual._compiled_head, text._compiled_call_impl)
@@ -144,8 +99,6 @@ def bench_variants(ctx) -> dict:
                                "compare_with": "step section, row `ours: minimal loop`"}
     ctx.publish(section)
     for name in ctx.variants:
-        if name == "fused-mask" and not sut.cfg.mask_reg.enabled:
-            continue
         if name == "eager" and not sut.cfg.model.compile:
             continue
         try:
