@@ -73,10 +73,10 @@ def test_result_keys_ignore_bookkeeping_only():
 
 
 @pytest.mark.parametrize("overrides, named", [
-    (["optim.warmup_samples=70000"], "warmup_samples"),
-    (["train.phases=[{until_samples: 60000, resolution: 30, batch_size: 64}]"], "multiple of the patch size"),
-    (["train.phases=[{until_samples: 60000, resolution: 128, batch_size: 64}]"], "exceeds data.image_size"),
-    (["train.phases=[{until_samples: 60000, resolution: 64, batch_size: 60}]"], "chunk"),
+    (["train.total_samples=60000", "optim.warmup_samples=70000", "train.phases=[]"], "warmup_samples"),
+    (["train.phases=[{until_samples: 72000, resolution: 30, batch_size: 64}]"], "multiple of the patch size"),
+    (["train.phases=[{until_samples: 72000, resolution: 128, batch_size: 64}]"], "exceeds data.image_size"),
+    (["train.phases=[{until_samples: 72000, resolution: 64, batch_size: 60}]"], "chunk"),
 ])
 def test_bad_schedules_fail_at_load(overrides, named):
     with pytest.raises(RecipeError, match=named):

@@ -69,9 +69,9 @@ def test_released_presets_match_reference(name):
 def test_tiny_preset():
     cfg = get_preset("tiny")
     v, t = cfg.vision, cfg.text
-    assert (v.image_size, v.patch_size, v.stem, v.width, v.layers, v.heads, v.mlp_dim) == (64, 8, "conv", 192, 6, 3, 768)
+    assert (v.image_size, v.patch_size, v.stem, v.width, v.layers, v.heads, v.mlp_dim) == (64, 8, "conv", 128, 4, 2, 512)
     assert v.use_cls_token and v.pool_type == "attn" and v.use_ln_post and v.output_dim == 128
-    assert (t.context_length, t.width, t.layers, t.heads, t.output_dim) == (32, 192, 4, 3, 128)
+    assert (t.context_length, t.width, t.layers, t.heads, t.output_dim) == (32, 128, 2, 2, 128)
     assert set(PRESETS) == set(TABLE) | {"tiny"}
 
 
@@ -87,7 +87,7 @@ def test_get_preset_errors_and_overrides():
         get_preset("tiny", bogus=1)
     cfg = get_preset("tiny", vision={"layers": 2}, text={"layers": 1}, drop_path=0.1)
     assert cfg.vision.layers == 2 and cfg.text.layers == 1 and cfg.vision.drop_path == 0.1
-    assert get_preset("tiny").vision.layers == 6  # presets are not mutated
+    assert get_preset("tiny").vision.layers == 4  # presets are not mutated
     assert get_preset("PE-Core-T16-384", text=None).text is None
     with pytest.raises(ValueError, match="output_dim"):
         get_preset("tiny", vision={"output_dim": 64})  # vision and text output dims must agree
@@ -398,11 +398,11 @@ def test_conv_stem_tiny():
     v = m.visual
     keys = set(v.state_dict())
     assert "conv1.weight" not in keys and {"stem.0.weight", "stem.2.weight", "stem.4.weight"} <= keys
-    assert v.stem[0].out_channels == 48 and v.stem[2].out_channels == 96 and v.stem[4].out_channels == 192
+    assert v.stem[0].out_channels == 32 and v.stem[2].out_channels == 64 and v.stem[4].out_channels == 128
     for size in (32, 48, 64):
         with torch.no_grad():
             tokens = v.forward_features(torch.randn(1, 3, size, size))
-        assert tokens.shape == (1, 1 + (size // 8) ** 2, 192)
+        assert tokens.shape == (1, 1 + (size // 8) ** 2, 128)
 
 
 def test_set_image_size_resamples_posemb():
