@@ -41,8 +41,7 @@ class ThroughputMonitor(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         samples = pl_module.batch_samples(batch) * trainer.world_size
         self._window_samples += samples
-        phase = getattr(pl_module, "current_phase", None) or pl_module.phase()  # the phase of this batch
-        self._window_flops += self._flops(phase.resolution) * samples
+        self._window_flops += self._flops(pl_module.current_phase.resolution) * samples  # this batch's phase
         if trainer.global_step % trainer.log_every_n_steps:
             return
         synchronize(pl_module.device)
