@@ -3,7 +3,7 @@
 #     bash bench/device_run.sh
 # 1. installs the carried wheels (what the GPU image lacks, plus our pinned timm and lightning) into /tmp/site;
 # 2. prints the GPU and the versions;
-# 3. runs the step, openclip, data and variants sections into $OUT: the report (.json, .md) and bench.log.
+# 3. runs the step, openclip, data, variants and profile sections into $OUT: the report (.json, .md) and bench.log.
 # Variants run last: they are evidence for proposed changes, not the headline. The bench rewrites its report
 # after every measured row and `timeout` bounds the run, so a slow or failing section leaves the others' results.
 # BENCH_BUDGET_S (default 450) is the bench's own limit; extra arguments go to run_bench.py.
@@ -33,7 +33,7 @@ for name in ("lightning", "timm", "open_clip", "webdataset", "omegaconf", "trito
 PY
 
 timeout --signal=TERM --kill-after=20 "$BUDGET" \
-  python3 bench/run_bench.py --device cuda --sections step,openclip,data,variants --data-seconds 4 --out "$OUT" "$@" \
+  python3 bench/run_bench.py --device cuda --sections step,openclip,data,variants,profile --data-seconds 4 --out "$OUT" "$@" \
   2>&1 | tee "$OUT/bench.log"
 rc=${PIPESTATUS[0]}
 [ "$rc" = 124 ] && echo "[device_run] the bench hit its ${BUDGET}s budget; the report in \$OUT has what was measured"

@@ -85,7 +85,8 @@ def markdown(report: dict) -> str:
                      "the first step alone (compilation). Peak mem: torch.cuda.max_memory_allocated on GPU, the "
                      "process's peak RSS on CPU. MFU: model FLOPs (forward + backward of both towers, "
                      "torch.utils.flop_counter) x images/s / the measured matmul peak. syncs/step: host syncs "
-                     "caught by CUDA's sync debug mode in 2 steps after the timed window (GPU only).")
+                     "caught by CUDA's sync debug mode after the timed window (GPU only), on the median step of "
+                     "one log interval for the Lightning rows (the log step's own syncs are listed below).")
         lines.append("")
         r = ratios(report)
         if r:
@@ -105,8 +106,12 @@ def markdown(report: dict) -> str:
                          f"{step.get('compile_counters', {}).get('graph_breaks', '-')}.")
             sites = sorted({s for row in step.get("rows", []) for s in row.get("host_sync_sites", [])})
             if sites:
-                lines.append("Host syncs seen (sync debug mode, 2 steps after the timed window): "
+                lines.append("Host syncs seen (sync debug mode, after the timed window): "
                              + "; ".join(f"`{s}`" for s in sites[:6]) + ".")
+            for row in step.get("rows", []):
+                if row.get("host_syncs_by_step"):
+                    lines.append(f"Syncs per step over one log interval ({row['name']}): "
+                                 f"{row['host_syncs_by_step']}.")
         if peer and peer.get("status") == "ok":
             lines.append(f"open_clip: {peer.get('model')} ({_f(peer.get('params_m'), 1)} M params), "
                          f"{_f(peer.get('flops_per_sample'), 1, 1e-9)} GFLOP/sample, {peer.get('optimizer')}."
@@ -132,11 +137,29 @@ def markdown(report: dict) -> str:
         opt = var.get("optimizer")
         if opt and opt.get("status") == "ok":
             lines += [f"Optimizer part alone ({_f(opt.get('params_m'), 1)} M params in {opt.get('tensors')} tensors, "
-                      f"ms per step): gradient clipping {_f(opt.get('clip_grad_norm_ms'), 2)}, LAMB "
-                      f"{_f(opt.get('lamb_step_ms'), 2)} ({opt.get('lamb')}), for scale {opt.get('adamw')} "
-                      f"{_f(opt.get('adamw_step_ms'), 2)}.", ""]
+                      f"ms per step; first call, compile included, in s): LAMB with clipping inside: "
+                      f"{opt.get('timm_lamb')} {_f(opt.get('timm_lamb_ms'), 2)}, our FusedLamb compiled "
+                      f"{_f(opt.get('fused_lamb_ms'), 2)} (first {_f(opt.get('fused_lamb_first_s'), 1)} s); for scale "
+                      f"{opt.get('adamw')} {_f(opt.get('adamw_ms'), 2)} + the Trainer's clip_grad_norm_ "
+                      f"{_f(opt.get('clip_grad_norm_ms'), 2)}.", ""]
         elif opt:
             lines += [f"Optimizer part alone: failed: {opt.get('error')}", ""]
+
+    prof = sections.get("profile")
+    if prof:
+        lines += ["## Where the step's time goes (torch.profiler, minimal loop)", ""]
+        if prof.get("status") != "ok":
+            lines.append(f"{prof.get('status')}: {prof.get('error', '')}")
+        else:
+            kinds = list(prof["ms_per_step"])
+            lines += [f"{prof['timeline']}, ms per step over {prof['steps']} steps.", "",
+                      "| " + " | ".join(kinds) + " |", "|" + "---:|" * len(kinds),
+                      "| " + " | ".join(f"{_f(prof['ms_per_step'][k], 1)} ({_f(prof['share'][k], 0, pct=True)})"
+                                        for k in kinds) + " |", "",
+                      "| top kernels / ops | ms per step | calls per step |", "|---|---:|---:|"]
+            lines += [f"| `{t['name'][:90]}` | {_f(t['ms_per_step'], 2)} | {_f(t['calls_per_step'], 0)} |"
+                      for t in prof.get("top", [])]
+        lines.append("")
 
     data = sections.get("data")
     if data:

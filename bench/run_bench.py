@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from bench.common import environment, error_record  # noqa: E402
 from bench.report import markdown, ratios  # noqa: E402
 
-SECTIONS = ("step", "openclip", "data", "variants", "embedded")
+SECTIONS = ("step", "openclip", "data", "variants", "profile", "embedded")
 
 # per device: (preset, batch, resolution, precision, compile, warmup, steps, data workers)
 DEFAULTS = {
@@ -66,7 +66,7 @@ class Context:
         self.overrides = list(args.overrides)
         self.variants = [x for x in args.variants.split(",") if x and x != "optimizer"]
         self.optimizer_costs = "optimizer" in args.variants.split(",")
-        self.keep_stage = "variants" in args.sections.split(",")
+        self.keep_stage = bool({"variants", "profile"} & set(args.sections.split(",")))
         self.stage_under_test = None
         self.peak_flops = 0.0
         self.report: dict = {}
@@ -174,11 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     from bench.data_pipeline import bench_data
     from bench.embedded import bench_embedded
     from bench.openclip_peer import bench_openclip
+    from bench.profile_step import bench_profile
     from bench.step import bench_step
     from bench.variants import bench_variants
 
     runners = {"step": bench_step, "openclip": bench_openclip, "data": bench_data, "variants": bench_variants,
-               "embedded": bench_embedded}
+               "profile": bench_profile, "embedded": bench_embedded}
     for name in sections:
         t0 = time.perf_counter()
         print(f"[bench] section {name} ...", flush=True)

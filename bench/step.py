@@ -1,10 +1,12 @@
 """Section `step`: our pretrain stage's training step (PretrainStage: CLIP loss + mask regularization on
-1/16 of the batch, timm LAMB, gradient clipping, the recipe's precision, `model.compile`).
+1/16 of the batch, LAMB clipping inside its step (our compiled FusedLamb under `model.compile`, else timm's),
+the recipe's precision, `model.compile`).
 
 Drivers (each a row of the report):
   lightning       a Lightning Trainer over a synthetic in-memory batch already on the device, as the recipe
-                  builds it (TensorBoard logger every `train.log_every_n_steps`, gradient clipping) but without
-                  the progress bar, checkpointing and eval callbacks;
+                  builds it (TensorBoard logger every `train.log_every_n_steps`) but without the progress
+                  bar, checkpointing and eval callbacks; host syncs are counted over one whole log interval,
+                  so the log step's (Lightning reads the logged values there) is told apart from the others;
   loop            a minimal loop calling the same methods (training_step under the same autocast,
                   loss.backward(), clip_grad_norm_, LAMB step, zero_grad): the difference is Lightning's cost;
   lightning-pbar  as `lightning` with Lightning's default TQDM progress bar (refresh every step), as the
@@ -21,6 +23,8 @@ from contextlib import ExitStack
 from typing import Any, Optional
 
 import torch
+
+from pe_lightning.stages.optim import trainer_clip_value
 
 from bench.common import (PeakMemory, Window, autocast, compile_counters, error_record, free_memory, rss_bytes,
                           sync_watch, synchronize, synthetic_batch, time_loop)
@@ -54,13 +58,14 @@ def _make_timer_callback(device: torch.device, warmup: int, steps: int, baseline
 
     class StepTimer(L.Callback):
         """First step (compile), warmup, then `steps` steps timed as one window with CUDA events; then `watch`
-        steps with the host-sync detector. Only the window ends synchronise."""
+        steps with the host-sync detector, counted per step. Only the window ends synchronise."""
 
         def __init__(self):
             self.out: dict[str, Any] = {}
             self._t0 = 0.0
             self._stack: Optional[ExitStack] = None
             self._found: list = []
+            self._marks: list[int] = []  # len(self._found) at each watched step's start
             self._graphs = 0
             self.mem = PeakMemory(device, baseline_rss)
             self.window = Window(device)
@@ -79,6 +84,8 @@ def _make_timer_callback(device: torch.device, warmup: int, steps: int, baseline
             elif batch_idx == warmup + steps and watch and device.type == "cuda":
                 self._stack = ExitStack()
                 self._found = self._stack.enter_context(sync_watch(device))
+            if self._stack is not None:
+                self._marks.append(len(self._found))
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if batch_idx == 0:
@@ -94,7 +101,10 @@ def _make_timer_callback(device: torch.device, warmup: int, steps: int, baseline
                 self._stack.close()
                 self._stack = None
                 synchronize(device)
-                self.out["host_syncs_per_step"] = len(self._found) / watch
+                per_step = [b - a for a, b in zip(self._marks, self._marks[1:] + [len(self._found)])]
+                self.out["host_syncs_by_step"] = per_step
+                self.out["host_syncs_per_step"] = sorted(per_step)[len(per_step) // 2]  # the typical (median) step
+                self.out["host_syncs_per_log_interval"] = len(self._found) * trainer.log_every_n_steps / watch
                 self.out["host_sync_sites"] = sorted(set(self._found))[:8]
 
     return StepTimer()
@@ -126,9 +136,10 @@ def _logger(save_dir: str):
 
 
 def run_lightning(stage, cfg, batch: dict, device: torch.device, precision: str, warmup: int, steps: int,
-                  baseline_rss: int, progress_bar: bool = False, watch: int = 2) -> dict:
+                  baseline_rss: int, progress_bar: bool = False) -> dict:
     import lightning as L
 
+    watch = cfg.train.log_every_n_steps  # one whole log interval: its log step and the steps between
     timer = _make_timer_callback(device, warmup, steps, baseline_rss, watch)
     callbacks = [timer] + ([_quiet_progress_bar()] if progress_bar else [])
     total = warmup + steps + (watch if device.type == "cuda" else 0)
@@ -138,7 +149,8 @@ def run_lightning(stage, cfg, batch: dict, device: torch.device, precision: str,
         warnings.filterwarnings("ignore", message=".*Precision bf16-mixed is not supported by the model summary.*")
         trainer = L.Trainer(
             accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=precision,
-            max_epochs=-1, max_steps=total, gradient_clip_val=cfg.optim.grad_clip or None,
+            max_epochs=-1, max_steps=total,
+            gradient_clip_val=trainer_clip_value(cfg.optim.name, cfg.optim.grad_clip),
             logger=_logger(tmp), callbacks=callbacks, enable_checkpointing=False,
             log_every_n_steps=cfg.train.log_every_n_steps, enable_progress_bar=progress_bar,
             enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False,
@@ -170,12 +182,13 @@ class LoopTrainer:
 def run_loop(stage, batch: dict, device: torch.device, precision: str, warmup: int, steps: int,
              baseline_rss: int) -> dict:
     """The same step without Lightning: the stage's own hooks and training_step (under the same autocast),
-    loss.backward(), clip_grad_norm_, the LAMB step, zero_grad."""
+    loss.backward(), clip_grad_norm_ where the Trainer would clip (not for LAMB), the optimizer step,
+    zero_grad."""
     stage.to(device)
     stage.train()
     optimizer = stage.configure_optimizers()
     params = [p for p in stage.parameters() if p.requires_grad]
-    clip = stage.cfg.optim.grad_clip
+    clip = trainer_clip_value(stage.cfg.optim.name, stage.cfg.optim.grad_clip)  # LAMB clips inside its step
     trainer = LoopTrainer(optimizer)
     saved, stage._trainer = stage._trainer, trainer
 
@@ -259,7 +272,8 @@ class StageUnderTest:
             "flops_per_sample_text": self.flops["text"],
             "flops_per_sample_incl_mask_reg": self.model_flops + self.mask_extra,
             "build_s": self.build_s, "params_m": sum(p.numel() for p in self.stage.parameters()) / 1e6,
-            "lamb_path": lamb_path(self.stage, self.device), "rows": [],
+            "lamb_path": ("our FusedLamb, compiled" if cfg.optim.compile and cfg.optim.name == "lamb"
+                          else lamb_path(self.stage, self.device)), "rows": [],
         }
 
     def measure(self, ctx, label: str, driver: str, run, mask_extra: Optional[float] = None) -> dict:

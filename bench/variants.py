@@ -5,8 +5,8 @@ not own:
   no-mask-reg  mask_reg.enabled=false: what mask regularization costs (open_clip has none);
   eager        model.compile off: what torch.compile buys.
 
-Then the optimizer part alone (`optimizer`): gradient clipping, the recipe's LAMB step and torch's fused
-AdamW over the same parameters, in ms per step.
+Then the optimizer part alone (`optimizer`): timm's LAMB and our compiled FusedLamb (each clipping inside
+its step), torch's fused AdamW and the Trainer's clip_grad_norm_ over the same parameters, in ms per step.
 """
 
 from __future__ import annotations
@@ -48,9 +48,13 @@ def variant(sut: StageUnderTest, name: str):
 
 
 def optimizer_costs(sut: StageUnderTest, ctx, iters: int = 10) -> dict:
-    """The optimizer part of the step alone, on our stage's parameters with random gradients: Lightning's
-    gradient clipping (clip_grad_norm_), the recipe's LAMB step, and torch's fused AdamW (open_clip's) for
-    scale. Milliseconds per step (CUDA events). The weights move: run it last."""
+    """The optimizer part of the step alone, on our stage's parameters with random gradients, ms per step
+    (CUDA events): timm's LAMB and our compiled FusedLamb (both clipping by the global norm inside the step),
+    torch's fused AdamW (open_clip's) and the clip_grad_norm_ the Trainer adds to it, for scale. The weights
+    move: run it last."""
+    from timm.optim import Lamb
+
+    from pe_lightning.stages.lamb import FusedLamb
     from pe_lightning.stages.optim import param_groups
 
     device = sut.device
@@ -59,31 +63,37 @@ def optimizer_costs(sut: StageUnderTest, ctx, iters: int = 10) -> dict:
     gen = torch.Generator(device=device).manual_seed(0)
     for p in params:
         p.grad = torch.randn(p.shape, device=device, dtype=p.dtype, generator=gen).mul_(1e-3)
+    o = stage.cfg.optim
 
-    def timed(fn) -> float:
-        for _ in range(3):
-            fn()
+    def groups():
+        return param_groups(stage.model, o.weight_decay)
+
+    def timed(fn, key: str) -> None:
         window = Window(device)
+        window.start()
+        fn()  # the first call compiles where there is something to compile
+        out[f"{key}_first_s"] = window.stop()
+        for _ in range(2):
+            fn()
         window.start()
         for _ in range(iters):
             fn()
-        return window.stop() / iters * 1000
+        out[f"{key}_ms"] = window.stop() / iters * 1000
 
+    hyper = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay, max_grad_norm=o.grad_clip)
     out: dict[str, Any] = {"params_m": sum(p.numel() for p in params) / 1e6, "tensors": len(params)}
     try:
-        out["clip_grad_norm_ms"] = timed(lambda: torch.nn.utils.clip_grad_norm_(params, 1.0))
-        lamb = stage.configure_optimizers()
-        out["lamb"] = f"{type(lamb).__module__}.{type(lamb).__name__}, {lamb_path(stage, device)}"
-        out["lamb_step_ms"] = timed(lamb.step)
-        del lamb
-        free_memory(device)
-        fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
-        groups = [{k: v for k, v in g.items() if k in ("params", "weight_decay")}
-                  for g in param_groups(stage.model, 0.05)]
-        adamw = torch.optim.AdamW(groups, lr=1e-4, **fused)
-        out["adamw_step_ms"] = timed(adamw.step)
+        timed(lambda: torch.nn.utils.clip_grad_norm_(params, 1.0), "clip_grad_norm")
+        for key, make in (("timm_lamb", lambda: Lamb(groups(), **hyper)),
+                          ("fused_lamb", lambda: FusedLamb(groups(), compile=True, **hyper)),
+                          ("adamw", lambda: torch.optim.AdamW(
+                              groups(), lr=1e-4, **({"fused": True} if device.type == "cuda" else {"foreach": True})))):
+            optimizer = make()
+            timed(optimizer.step, key)
+            del optimizer
+            free_memory(device)
         out["adamw"] = "torch.optim.AdamW " + ("fused" if device.type == "cuda" else "foreach")
-        del adamw
+        out["timm_lamb"] = f"timm.optim.Lamb, {lamb_path(stage, device)}"
     finally:
         for p in params:
             p.grad = None

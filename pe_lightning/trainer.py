@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from pe_lightning.callback_loader import build_callbacks
 from pe_lightning.models.checkpoint import load_checkpoint
 from pe_lightning.stages.base import PEStage
+from pe_lightning.stages.optim import trainer_clip_value
 
 log = logging.getLogger("pe_lightning")
 
@@ -42,7 +43,7 @@ def build_trainer(cfg: DictConfig, stage_root: Path, callbacks: list[L.Callback]
         precision=resolve_precision(t.precision),
         max_epochs=-1,  # a stage ends when it has seen train.total_samples (the stage stops the trainer)
         max_steps=-1,
-        gradient_clip_val=cfg.optim.grad_clip or None,
+        gradient_clip_val=trainer_clip_value(cfg.optim.name, cfg.optim.grad_clip),
         accumulate_grad_batches=t.accumulate_grad_batches,
         logger=logger,
         callbacks=callbacks,

@@ -277,3 +277,14 @@ def test_config_from_omegaconf_and_unknown_keys(shards):
     assert cfg.train[0].weight == 2.0 and cfg.augment.hflip == 0.0 and cfg.chunk_size == 4
     with pytest.raises(TypeError, match="unknown keys.*chunksize"):
         as_data_config({"chunksize": 4})
+
+
+@pytest.mark.parametrize("device, pinned", [("cpu", False), ("cuda", True)])
+def test_batches_for_a_gpu_come_pinned(shards, device, pinned):
+    """Pageable batches would make every step's host-to-GPU copy wait for the GPU (a host sync)."""
+    from types import SimpleNamespace
+
+    dm = dm_for(shards, workers=0)
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), global_rank=0,
+                                 world_size=1)
+    assert dm.train_dataloader().pin_memory is pinned

@@ -84,3 +84,38 @@ def test_vanilla_clip_baseline_runs_side_by_side(tiny_world, tmp_path):
     model = build_model(cfg.model.preset, vision=dict(cfg.model.vision), text=dict(cfg.model.text))
     load_checkpoint(model, export / "model.pt")
     assert model.visual.attn_pool is None and json.loads((export / "metrics.json").read_text())["samples_seen"] == 192
+
+
+def _stage_with_trainer(tiny_world, tmp_path, trainer, *overrides):
+    from pe_lightning.stages.pretrain import PretrainStage
+
+    stage = PretrainStage(load_recipe("pretrain", tiny_run(tiny_world, tmp_path, *overrides)))
+    stage._trainer = trainer
+    return stage
+
+
+def test_lamb_under_fsdp_is_refused_with_the_fix(tiny_world, tmp_path):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from pe_lightning.config import RecipeError
+
+    fsdp = SimpleNamespace(strategy=FSDPStrategy(), world_size=1)
+    with pytest.raises(RecipeError, match=r"optim.name=lamb does not run under.*trainer.strategy=ddp"):
+        _stage_with_trainer(tiny_world, tmp_path, fsdp).configure_optimizers()
+    adamw = _stage_with_trainer(tiny_world, tmp_path, fsdp, "optim.name=adamw").configure_optimizers()
+    assert isinstance(adamw, torch.optim.AdamW)
+
+
+def test_global_batch_must_split_into_whole_chunks_per_rank(tiny_world, tmp_path):
+    from types import SimpleNamespace
+
+    from pe_lightning.config import RecipeError
+
+    phases = "train.phases=[{until_samples: 192, resolution: 32, batch_size: 32}]"
+    ok = _stage_with_trainer(tiny_world, tmp_path, SimpleNamespace(world_size=2), phases, "data.chunk_size=16")
+    ok.setup("fit")  # 16 per rank: one chunk each
+    bad = _stage_with_trainer(tiny_world, tmp_path, SimpleNamespace(world_size=4), phases, "data.chunk_size=16")
+    with pytest.raises(RecipeError, match=r"over 4 processes.*multiple of 4 x data.chunk_size"):
+        bad.setup("fit")

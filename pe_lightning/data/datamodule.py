@@ -212,12 +212,18 @@ class StreamDataModule(L.LightningDataModule):
             self._loader = StreamLoader(
                 self._make_dataset, chunk_size=self.cfg.chunk_size, streams=self.streams,
                 workers=self.cfg.workers, samples_per_epoch=self.samples_per_epoch,
-                batch_size=self._batch_size, batch_size_fn=self._batch_size_fn)
+                batch_size=self._batch_size, batch_size_fn=self._batch_size_fn, pin_memory=self._on_gpu())
             self._loader.owner = self
             if self._pending_state is not None:
                 self._apply_state(self._pending_state)
                 self._pending_state = None
         return self._loader
+
+    def _on_gpu(self) -> bool:
+        """Batches for a GPU come in pinned memory: the copy from pageable memory would wait for the device
+        to finish its queued work (a host sync every step); from pinned memory it runs asynchronously."""
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
     @property
     def batch_size(self) -> int:

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from pe_lightning.config import RecipeError
 from pe_lightning.models import build_model
 from pe_lightning.models.checkpoint import export_checkpoint
 from pe_lightning.stages.optim import WarmupCosine, build_optimizer, param_groups, set_lr
@@ -47,13 +48,25 @@ class PEStage(L.LightningModule):
         self.model.transformer.compile(dynamic=False)
 
     # ----- schedule over samples seen -----
-    def _build_phase_schedule(self) -> PhaseSchedule:
+    def _build_phase_schedule(self, world_size: int = 1) -> PhaseSchedule:
         train = self.cfg.train
         phases = [Phase(p.until_samples, p.resolution, p.batch_size) for p in train.phases]
         if not phases:
             phases = [Phase(train.total_samples, self.cfg.data.image_size, train.batch_size)]
         return PhaseSchedule(phases, train.total_samples, patch_size=self.model.visual.patch_size,
-                             chunk_size=self.cfg.data.chunk_size)
+                             chunk_size=self.cfg.data.chunk_size, world_size=world_size)
+
+    def setup(self, stage: str) -> None:
+        """The number of processes is known now: every phase's global batch must split into whole data chunks
+        on every rank. Checked here, on all ranks, rather than at the first batch of the phase that breaks."""
+        world = self.trainer.world_size
+        if world > 1:
+            try:
+                self._build_phase_schedule(world)
+            except ValueError as err:
+                raise RecipeError(
+                    f"train.phases over {world} processes: {err}. Batch sizes are global (summed over ranks): "
+                    f"make each a multiple of {world} x data.chunk_size, or lower data.chunk_size") from None
 
     def phase(self) -> Phase:
         return self.schedule.at(self.samples_seen)[1]
@@ -70,10 +83,23 @@ class PEStage(L.LightningModule):
     # ----- optimizer -----
     def configure_optimizers(self):
         o = self.cfg.optim
+        self._check_optimizer_fits_strategy()
         groups = param_groups(self.trainable_module(), o.weight_decay)
-        # Lightning clips the gradient norm (optim.grad_clip); timm's LAMB would clip a second time.
-        extra = {"max_grad_norm": None} if o.name == "lamb" else {}
-        return build_optimizer(groups, o.name, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps, **extra)
+        return build_optimizer(groups, o.name, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps,
+                               grad_clip=o.grad_clip, compile=o.compile)
+
+    def _check_optimizer_fits_strategy(self) -> None:
+        """LAMB's trust ratio and its clipping need the norm of each whole weight and of the whole gradient;
+        FSDP shards both over ranks, so every rank would use a shard's norm: a silently different recipe."""
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        strategy = getattr(self._trainer, "strategy", None)
+        if self.cfg.optim.name == "lamb" and isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+            raise RecipeError(
+                f"optim.name=lamb does not run under trainer.strategy={self.cfg.trainer.strategy}: LAMB scales "
+                "each weight's step by ||weight|| / ||update|| and FSDP holds only a shard of each weight per "
+                "rank. Use trainer.strategy=ddp (PE-Core-G, 1.9B parameters, needs ~31 GB per GPU for weights, "
+                "gradients and LAMB state), or optim.name=adamw with FSDP")
 
     def trainable_module(self) -> torch.nn.Module:
         return self.model
@@ -101,6 +127,9 @@ class PEStage(L.LightningModule):
         raise NotImplementedError
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        grad_norm = getattr(self.trainer.optimizers[0], "last_grad_norm", None) if self.trainer.optimizers else None
+        if grad_norm is not None:  # a device tensor: logging it costs no sync until the log step reads it
+            self.log("train/grad_norm", grad_norm)
         self.train_seconds = time.monotonic() - self._fit_started_at
         if self.finished:
             self.trainer.should_stop = True

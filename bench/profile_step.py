@@ -1,0 +1,113 @@
+"""Section `profile`: where our step's device time goes, by kind of kernel, from torch.profiler over a few
+steps of the minimal loop (after the `step` section has compiled it). This is the map for making the step
+faster: matmuls near their peak leave only the other rows to win back.
+
+Kinds: matmul (cuBLAS / CUTLASS GEMMs, and Inductor's own), attention (flash / cuDNN / efficient SDPA),
+fused (Inductor's Triton kernels: norms, activations, RoPE, residuals), optimizer (on GPU by name: the LAMB / Adam
+kernels, which alone use lerp, and the multi-tensor foreach kernels; on CPU every op under the optimizer step), copy (memcpy / memset / dtype casts),
+other. On CPU the same table is built from CPU ops' self time (coarser: ops, not kernels).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from bench.common import autocast, error_record, synchronize
+from bench.step import StageUnderTest, LoopTrainer
+
+KINDS = ("matmul", "attention", "fused", "optimizer", "copy", "other")
+
+
+def kernel_kind(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in ("lerp", "multi_tensor", "foreach", "adam", "lamb")):
+        return "optimizer"
+    if any(k in n for k in ("flash", "fmha", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")):
+        return "attention"
+    if any(k in n for k in ("gemm", "cutlass", "sm90_xmma", "cublas", "nvjet", "aten::mm", "aten::addmm", "aten::bmm")):
+        return "matmul"
+    if any(k in n for k in ("memcpy", "memset", "copy_", "aten::to", "cast")):
+        return "copy"
+    if n.startswith("triton") or "fused" in n:
+        return "fused"
+    return "other"
+
+
+def bench_profile(ctx, steps: int = 3) -> dict:
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    sut = getattr(ctx, "stage_under_test", None) or StageUnderTest(ctx)
+    ctx.stage_under_test = sut
+    device, stage, batch = sut.device, sut.stage.to(sut.device), sut.batch
+    stage.train()
+    optimizer = stage.configure_optimizers()
+    saved, stage._trainer = stage._trainer, LoopTrainer(optimizer)
+
+    def step(i: int) -> None:
+        stage._trainer.global_step = i
+        stage.on_train_batch_start(batch, i)
+        with autocast(device, ctx.precision):
+            loss = stage.training_step(batch, i)
+        loss.backward()
+        with record_function("pe_optimizer_step"):  # a marker in the trace
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    try:
+        stage.on_train_start()
+        for i in range(3):  # compiles the optimizer, warms the allocator
+            step(i)
+        synchronize(device)
+        with profile(activities=activities) as prof:
+            for i in range(3, 3 + steps):
+                step(i)
+            synchronize(device)
+        section = summarize(prof, device, steps)
+    except Exception as err:
+        section = error_record(err)
+    finally:
+        stage._trainer = saved
+        del optimizer
+        sut.park()
+    return section
+
+
+def _inside(event, name: str) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name == name:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def summarize(prof, device: torch.device, steps: int) -> dict:
+    """Device time per step by kind, and the top kernels."""
+    on_gpu = device.type == "cuda"
+    by_kind: dict[str, float] = defaultdict(float)
+    by_name: dict[str, list] = defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if on_gpu:
+            if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
+                continue
+            t = e.device_time
+            kind = kernel_kind(e.name)
+        else:
+            t = e.self_cpu_time_total  # self time: each microsecond is counted in exactly one op
+            kind = "optimizer" if _inside(e, "pe_optimizer_step") else kernel_kind(e.name)
+        by_kind[kind] += t
+        by_name[e.name][0] += t
+        by_name[e.name][1] += 1
+    total = sum(by_kind.values()) or 1.0
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:15]
+    return {
+        "status": "ok", "steps": steps, "timeline": "CUDA kernels" if on_gpu else "CPU ops",
+        "ms_per_step": {k: by_kind.get(k, 0.0) / 1000 / steps for k in KINDS},
+        "share": {k: by_kind.get(k, 0.0) / total for k in KINDS},
+        "top": [{"name": name[:120], "ms_per_step": t / 1000 / steps, "calls_per_step": n / steps}
+                for name, (t, n) in top],
+    }
