@@ -7,9 +7,10 @@ temperature), zero_grad, then the logit-scale clamp. No gradient clipping (open_
 open_clip's --torchcompile does.
 
 On GPU the model is `open_clip.create_model('PE-Core-B-16')` (timm's `vit_pe_core_base_patch16_224` + the
-CLIP text tower: the PE-Core-B16-224 architecture). On CPU it is an open_clip CLIP ViT of the `tiny`
-preset's widths and depths (vision 192 wide x 6 blocks at patch 8, text 192 x 4, embed 128): open_clip has
-no model with our tiny preset's conv stem, RoPE and attention pooling, so its FLOPs are counted separately.
+CLIP text tower: the PE-Core-B16-224 architecture). On CPU it is an open_clip CLIP ViT with the `tiny`
+preset's widths, depths, heads, MLP sizes and patch size, read from our preset (`tiny_sized_config`): open_clip
+has no model with our tiny preset's conv stem, RoPE and attention pooling, so its FLOPs are counted
+separately and the CPU ratio compares two similar, not identical, models.
 """
 
 from __future__ import annotations
@@ -24,17 +25,25 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.common import autocast, error_record, free_memory, rss_bytes, synthetic_batch, time_loop
 
 GPU_MODEL = "PE-Core-B-16"
-TINY_CFG = dict(embed_dim=128,
-                vision_cfg=dict(image_size=64, patch_size=8, width=192, layers=6, head_width=64, mlp_ratio=4.0),
-                text_cfg=dict(context_length=32, vocab_size=49408, width=192, heads=3, layers=4))
+
+
+def tiny_sized_config(resolution: int) -> dict:
+    """open_clip CLIP kwargs with our `tiny` preset's sizes (so the two cannot drift apart)."""
+    from pe_lightning.models.presets import get_preset
+
+    v, t = get_preset("tiny").vision, get_preset("tiny").text
+    return dict(embed_dim=v.output_dim,
+                vision_cfg=dict(image_size=resolution, patch_size=v.patch_size, width=v.width, layers=v.layers,
+                                head_width=v.width // v.heads, mlp_ratio=v.mlp_dim / v.width),
+                text_cfg=dict(context_length=t.context_length, vocab_size=49408, width=t.width, heads=t.heads,
+                              layers=t.layers, mlp_ratio=t.mlp_dim / t.width))
 
 
 def build_peer(name: str, resolution: int):
     import open_clip
 
     if name == "tiny":
-        cfg = {**TINY_CFG, "vision_cfg": {**TINY_CFG["vision_cfg"], "image_size": resolution}}
-        return open_clip.model.CLIP(**cfg), f"open_clip CLIP ViT (tiny-sized) @ {resolution}px"
+        return open_clip.model.CLIP(**tiny_sized_config(resolution)), f"open_clip CLIP ViT (tiny-sized) @ {resolution}px"
     kwargs = {} if resolution == 224 else {"force_image_size": resolution}
     return open_clip.create_model(name, pretrained=None, **kwargs), f"open_clip {name} @ {resolution}px"
 

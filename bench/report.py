@@ -22,6 +22,21 @@ def _first_ok(rows: list, driver: str) -> Optional[dict]:
     return next((r for r in rows if r.get("driver") == driver and _row_ok(r)), None)
 
 
+def profile_lines(prof: dict) -> list[str]:
+    """The `profile` section: ms per step by kind of kernel, then the most expensive kernels."""
+    lines = ["## Where the step's time goes (torch.profiler, minimal loop)", ""]
+    if prof.get("status") != "ok":
+        return lines + [f"{prof.get('status')}: {prof.get('error', '')}", ""]
+    kinds = list(prof["ms_per_step"])
+    cells = [f"{_f(prof['ms_per_step'][k], 1)} ({_f(prof['share'][k], 0, pct=True)})" for k in kinds]
+    lines += [f"{prof['timeline']}, ms per step over {prof['steps']} steps.", "",
+              "| " + " | ".join(kinds) + " |", "|" + "---:|" * len(kinds), "| " + " | ".join(cells) + " |", "",
+              "| top kernels / ops | ms per step | calls per step |", "|---|---:|---:|"]
+    lines += [f"| `{t['name'][:90]}` | {_f(t['ms_per_step'], 2)} | {_f(t['calls_per_step'], 0)} |"
+              for t in prof.get("top", [])]
+    return lines + [""]
+
+
 def ratios(report: dict) -> dict:
     """ours (Lightning row, else the loop row) / open_clip eager and / open_clip compiled."""
     step = report.get("sections", {}).get("step", {})
@@ -145,21 +160,8 @@ def markdown(report: dict) -> str:
         elif opt:
             lines += [f"Optimizer part alone: failed: {opt.get('error')}", ""]
 
-    prof = sections.get("profile")
-    if prof:
-        lines += ["## Where the step's time goes (torch.profiler, minimal loop)", ""]
-        if prof.get("status") != "ok":
-            lines.append(f"{prof.get('status')}: {prof.get('error', '')}")
-        else:
-            kinds = list(prof["ms_per_step"])
-            lines += [f"{prof['timeline']}, ms per step over {prof['steps']} steps.", "",
-                      "| " + " | ".join(kinds) + " |", "|" + "---:|" * len(kinds),
-                      "| " + " | ".join(f"{_f(prof['ms_per_step'][k], 1)} ({_f(prof['share'][k], 0, pct=True)})"
-                                        for k in kinds) + " |", "",
-                      "| top kernels / ops | ms per step | calls per step |", "|---|---:|---:|"]
-            lines += [f"| `{t['name'][:90]}` | {_f(t['ms_per_step'], 2)} | {_f(t['calls_per_step'], 0)} |"
-                      for t in prof.get("top", [])]
-        lines.append("")
+    if sections.get("profile"):
+        lines += profile_lines(sections["profile"])
 
     data = sections.get("data")
     if data:

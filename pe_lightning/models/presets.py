@@ -11,7 +11,7 @@ Numbers are PE_REFERENCE.md section 4. Recipe choices of ours (not Meta's) are m
 * PE-Lang-*: the first 47 of 50 (G) / 23 of 24 (L) blocks of the Core tower, LayerScale 0.1, marked
   `truncated_from` so a full-depth Core file can be loaded into it (the extra blocks and the head are dropped
   explicitly by the loader).
-* `tiny`: our recipe preset for CPU runs and tests (64 px, patch 8 via a three-conv stem, width 192).
+* `tiny`: our recipe preset for CPU runs and tests (64 px, patch 8 via a three-conv stem, width 128 x 4).
 """
 
 from __future__ import annotations
