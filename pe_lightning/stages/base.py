@@ -98,8 +98,8 @@ class PEStage(L.LightningModule):
             raise RecipeError(
                 f"optim.name=lamb does not run under trainer.strategy={self.cfg.trainer.strategy}: LAMB scales "
                 "each weight's step by ||weight|| / ||update|| and FSDP holds only a shard of each weight per "
-                "rank. Use trainer.strategy=ddp (PE-Core-G, 1.9B parameters, needs ~31 GB per GPU for weights, "
-                "gradients and LAMB state), or optim.name=adamw with FSDP")
+                "rank. Use trainer.strategy=ddp (PE-Core-G, 2.4B parameters with its text tower, needs ~36 GiB per "
+                "GPU for fp32 weights, gradients and LAMB state), or optim.name=adamw with FSDP")
 
     def trainable_module(self) -> torch.nn.Module:
         return self.model
