@@ -107,9 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="model.compile for ours and the compiled open_clip row (auto: on GPU only)")
     p.add_argument("--drivers", default=None, help="step drivers: lightning,loop,lightning-pbar")
-    p.add_argument("--variants", default="no-mask-reg,eager,optimizer",
+    p.add_argument("--variants", default="no-mask-reg,eager,timm-lamb,adamw,optimizer",
                    help="rows of the `variants` section: our step with one change, through the minimal loop "
-                        "(no-mask-reg, eager), and `optimizer`: the optimizer step alone")
+                        "(no-mask-reg, eager, timm-lamb, adamw), and `optimizer`: the optimizer step alone")
     p.add_argument("--peer", default="auto", help="open_clip model: auto (GPU PE-Core-B-16, CPU tiny-sized), "
                                                   "an open_clip model name, or tiny")
     p.add_argument("--data-workers", default=None, help="comma list of loader worker counts (GPU 0,1,2,4,8; "

@@ -3,7 +3,10 @@ section's `ours: minimal loop` row). Each row is evidence for (or against) a cha
 not own:
 
   no-mask-reg  mask_reg.enabled=false: what mask regularization costs (open_clip has none);
-  eager        model.compile off: what torch.compile buys.
+  eager        model.compile off: what torch.compile buys;
+  timm-lamb    optim.compile=false: timm's Lamb in place of our compiled FusedLamb, in the real step;
+  adamw        optim.name=adamw (torch's AdamW, fused on CUDA, + the Trainer's clipping): LAMB's cost over
+               open_clip's optimizer, in the real step.
 
 Then the optimizer part alone (`optimizer`): timm's LAMB and our compiled FusedLamb (each clipping inside
 its step), torch's fused AdamW and the Trainer's clip_grad_norm_ over the same parameters, in ms per step.
@@ -19,21 +22,28 @@ import torch
 from bench.common import Window, error_record, free_memory
 from bench.step import StageUnderTest, lamb_path, run_loop
 
-VARIANTS = ("no-mask-reg", "eager")
+VARIANTS = ("no-mask-reg", "eager", "timm-lamb", "adamw")
 LABELS = {"no-mask-reg": "ours (loop): no mask regularization",
-          "eager": "ours (loop): eager (no torch.compile)"}
+          "eager": "ours (loop): eager (no torch.compile)",
+          "timm-lamb": "ours (loop): timm's Lamb instead of FusedLamb",
+          "adamw": "ours (loop): torch AdamW + clipping instead of LAMB"}
+# variants that are one recipe key: (section, key, value); the loop builds its optimizer from the recipe
+RECIPE_VARIANTS = {"no-mask-reg": ("mask_reg", "enabled", False), "timm-lamb": ("optim", "compile", False),
+                   "adamw": ("optim", "name", "adamw")}
 
 
 @contextmanager
 def variant(sut: StageUnderTest, name: str):
     stage = sut.stage
-    if name == "no-mask-reg":
-        old = stage.cfg.mask_reg.enabled
-        stage.cfg.mask_reg.enabled = False
+    if name in RECIPE_VARIANTS:
+        section, key, value = RECIPE_VARIANTS[name]
+        node = stage.cfg[section]
+        old = node[key]
+        node[key] = value
         try:
-            yield 0.0
+            yield 0.0 if name == "no-mask-reg" else None
         finally:
-            stage.cfg.mask_reg.enabled = old
+            node[key] = old
     elif name == "eager":
         visual, text = stage.model.visual, stage.model.transformer
         saved = (visual._compiled_features, visual._compiled_head, text._compiled_call_impl)
