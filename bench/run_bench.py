@@ -30,7 +30,8 @@ import torch  # noqa: E402
 from bench.common import environment, error_record  # noqa: E402
 from bench.report import markdown, ratios  # noqa: E402
 
-SECTIONS = ("step", "openclip", "data", "variants", "profile", "embedded")
+# run order: the headline rows first, then the profile (the map for the next change), then the rest
+SECTIONS = ("step", "openclip", "profile", "data", "variants", "embedded")
 
 # per device: (preset, batch, resolution, precision, compile, warmup, steps, data workers)
 DEFAULTS = {
