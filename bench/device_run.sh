@@ -3,9 +3,9 @@
 #     bash bench/device_run.sh
 # 1. installs the carried wheels (what the GPU image lacks, plus our pinned timm and lightning) into /tmp/site;
 # 2. prints the GPU and the versions;
-# 3. runs the step, openclip, profile, data and variants sections (in that order) into $OUT: the report (.json, .md) and bench.log.
-# Variants run last: they are evidence for proposed changes, not the headline; the profile runs before the data. The bench rewrites its report
-# after every measured row and `timeout` bounds the run, so a slow or failing section leaves the others' results.
+# 3. runs the step, openclip, profile, data and variants sections, in that order, into $OUT: the report
+#    (.json, .md) and bench.log. Variants run last: they are evidence for proposed changes, not the headline.
+# The bench rewrites its report after every measured row and `timeout` bounds the run, so a slow or failing section leaves the others' results.
 # BENCH_BUDGET_S (default 450) is the bench's own limit; extra arguments go to run_bench.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
