@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from bench.common import autocast, error_record, synchronize
-from bench.step import StageUnderTest, LoopTrainer
+from bench.common import error_record, synchronize
+from bench.step import StageUnderTest, loop_step
 
 KINDS = ("matmul", "attention", "fused", "optimizer", "copy", "other")
 
@@ -37,41 +37,25 @@ def kernel_kind(name: str) -> str:
 
 
 def bench_profile(ctx, steps: int = 3) -> dict:
-    from torch.profiler import ProfilerActivity, profile, record_function
+    from torch.profiler import ProfilerActivity, profile
 
     sut = getattr(ctx, "stage_under_test", None) or StageUnderTest(ctx)
     ctx.stage_under_test = sut
-    device, stage, batch = sut.device, sut.stage.to(sut.device), sut.batch
-    stage.train()
-    optimizer = stage.configure_optimizers()
-    saved, stage._trainer = stage._trainer, LoopTrainer(optimizer)
-
-    def step(i: int) -> None:
-        stage._trainer.global_step = i
-        stage.on_train_batch_start(batch, i)
-        with autocast(device, ctx.precision):
-            loss = stage.training_step(batch, i)
-        loss.backward()
-        with record_function("pe_optimizer_step"):  # a marker in the trace
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    device = sut.device
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     try:
-        stage.on_train_start()
-        for i in range(3):  # compiles the optimizer, warms the allocator
-            step(i)
-        synchronize(device)
-        with profile(activities=activities) as prof:
-            for i in range(3, 3 + steps):
+        with loop_step(sut.stage, sut.batch, device, ctx.precision) as step:
+            for i in range(3):  # compiles the optimizer, warms the allocator
                 step(i)
             synchronize(device)
+            with profile(activities=activities) as prof:
+                for i in range(3, 3 + steps):
+                    step(i)
+                synchronize(device)
         section = summarize(prof, device, steps)
     except Exception as err:
         section = error_record(err)
     finally:
-        stage._trainer = saved
-        del optimizer
         sut.park()
     return section
 

@@ -22,11 +22,16 @@ def _first_ok(rows: list, driver: str) -> Optional[dict]:
     return next((r for r in rows if r.get("driver") == driver and _row_ok(r)), None)
 
 
+def _status_line(section: dict) -> str:
+    """What a section that did not finish says about itself."""
+    return f"{section.get('status')}: {section.get('error', section.get('note', ''))}"
+
+
 def profile_lines(prof: dict) -> list[str]:
     """The `profile` section: ms per step by kind of kernel, then the most expensive kernels."""
     lines = ["## Where the step's time goes (torch.profiler, minimal loop)", ""]
     if prof.get("status") != "ok":
-        return lines + [f"{prof.get('status')}: {prof.get('error', '')}", ""]
+        return lines + [_status_line(prof), ""]
     kinds = list(prof["ms_per_step"])
     cells = [f"{_f(prof['ms_per_step'][k], 1)} ({_f(prof['share'][k], 0, pct=True)})" for k in kinds]
     lines += [f"{prof['timeline']}, ms per step over {prof['steps']} steps.", "",
@@ -167,7 +172,7 @@ def markdown(report: dict) -> str:
     if data:
         lines += ["## Data pipeline (decode + augment + tokenize, no model)", ""]
         if data.get("status") != "ok":
-            lines.append(f"{data.get('status')}: {data.get('error', data.get('note', ''))}")
+            lines.append(_status_line(data))
         else:
             lines += [f"Shapes-world shards ({data.get('shapes_train')} PNG images, 64 px) -> batches of "
                       f"{data.get('batch')} at {data.get('resolution')} px.", "",
@@ -183,7 +188,7 @@ def markdown(report: dict) -> str:
     if emb:
         lines += ["## CPU embedded default (`make stage=pretrain`)", ""]
         if emb.get("status") != "ok":
-            lines.append(f"{emb.get('status')}: {emb.get('error', emb.get('note', ''))}")
+            lines.append(_status_line(emb))
         else:
             h = emb.get("headline", {})
             lines += ["| source | wall s | train s | zero-shot top-1 | held-out top-1 | samples seen |",

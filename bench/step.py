@@ -19,8 +19,8 @@ import os
 import tempfile
 import time
 import warnings
-from contextlib import ExitStack
-from typing import Any, Optional
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -179,11 +179,13 @@ class LoopTrainer:
         self.global_step = 0
 
 
-def run_loop(stage, batch: dict, device: torch.device, precision: str, warmup: int, steps: int,
-             baseline_rss: int) -> dict:
-    """The same step without Lightning: the stage's own hooks and training_step (under the same autocast),
-    loss.backward(), clip_grad_norm_ where the Trainer would clip (not for LAMB), the optimizer step,
-    zero_grad."""
+@contextmanager
+def loop_step(stage, batch: dict, device: torch.device, precision: str) -> Iterator[Callable[[int], None]]:
+    """`step(i)`: our training step without Lightning: the stage's own hooks and training_step (under the same
+    autocast), loss.backward(), clip_grad_norm_ where the Trainer would clip (not for LAMB), the optimizer step
+    (marked `pe_optimizer_step` for the profiler), zero_grad. The stage gets a stand-in Trainer meanwhile."""
+    from torch.profiler import record_function
+
     stage.to(device)
     stage.train()
     optimizer = stage.configure_optimizers()
@@ -200,7 +202,8 @@ def run_loop(stage, batch: dict, device: torch.device, precision: str, warmup: i
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(params, clip)
-        optimizer.step()
+        with record_function("pe_optimizer_step"):
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         stage.on_train_batch_end(loss, batch, i)
 
@@ -208,10 +211,17 @@ def run_loop(stage, batch: dict, device: torch.device, precision: str, warmup: i
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*self.log.*")
             stage.on_train_start()
-            return time_loop(step, device, warmup, steps, baseline_rss)
+            yield step
     finally:
         stage._trainer = saved
         del optimizer
+
+
+def run_loop(stage, batch: dict, device: torch.device, precision: str, warmup: int, steps: int,
+             baseline_rss: int) -> dict:
+    """The minimal loop (`loop_step`) timed by `time_loop`."""
+    with loop_step(stage, batch, device, precision) as step:
+        return time_loop(step, device, warmup, steps, baseline_rss)
 
 
 def lamb_path(stage, device: torch.device) -> str:

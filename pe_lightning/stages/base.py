@@ -62,7 +62,7 @@ class PEStage(L.LightningModule):
         world = self.trainer.world_size
         if world > 1:
             try:
-                self._build_phase_schedule(world)
+                self.schedule = self._build_phase_schedule(world)
             except ValueError as err:
                 raise RecipeError(
                     f"train.phases over {world} processes: {err}. Batch sizes are global (summed over ranks): "
@@ -74,7 +74,7 @@ class PEStage(L.LightningModule):
     def local_batch_size(self, samples_consumed_local: int) -> int:
         """Batch size per rank for the batch that starts at this rank's stream position."""
         world = self.trainer.world_size if self._trainer is not None else 1
-        return self.schedule.at(samples_consumed_local * world)[1].batch_size // world
+        return self.schedule.at(samples_consumed_local * world)[1].local_batch_size(world)
 
     @property
     def finished(self) -> bool:

@@ -107,20 +107,19 @@ class FusedLamb(torch.optim.Optimizer):
         for group in self.param_groups:
             group.setdefault("step", torch.tensor(0.0))
             group["step"] += 1  # counted for every group, as timm does, even one without gradients
-        active = [g for g in self.param_groups if any(p.grad is not None for p in g["params"])]
-        if not active:
+        trained = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        trained = [(group, params) for group, params in trained if params]
+        if not trained:
             return loss
-        for p in (p for g in active for p in g["params"]):
-            if p.grad is not None and p.grad.is_sparse:
-                raise RuntimeError("FusedLamb does not support sparse gradients")
-        clip = self._clip_factor([p.grad for g in active for p in g["params"] if p.grad is not None])
-        scalars = self._set_scalars(active, clip.device)
-        for group, group_scalars in zip(active, scalars):
+        grads = [p.grad for _, params in trained for p in params]
+        if any(grad.is_sparse for grad in grads):
+            raise RuntimeError("FusedLamb does not support sparse gradients")
+        clip = self._clip_factor(grads)
+        scalars = self._set_scalars([group for group, _ in trained], clip.device)
+        for (group, params), group_scalars in zip(trained, scalars):
             beta1, beta2 = group["betas"]
             weight_decay, eps = float(group["weight_decay"]), float(group["eps"])
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            for p in params:
                 exp_avg, exp_avg_sq = self._state(p)
                 # 1-D views: one compiled graph serves every shape (only the length is dynamic)
                 self._apply(p.view(-1), p.grad.view(-1), exp_avg.view(-1), exp_avg_sq.view(-1), group_scalars,
