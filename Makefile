@@ -11,7 +11,7 @@ OVERRIDES := $(foreach v,$(filter-out PYTHON,$(.VARIABLES)),$(if $(filter comman
 run ?= default
 
 .DEFAULT_GOAL := default
-.PHONY: default help setup train pipeline status test test-fast bench data clean-venv
+.PHONY: default help setup train pipeline status probe test test-fast bench data clean-venv
 
 default:
 ifdef stage
@@ -26,6 +26,7 @@ help:  ## list the targets
 	@echo "  make stage=pretrain [run=NAME] [key=value ...]  run (or resume) one stage"
 	@echo "  make pipeline [run=NAME]                        run every stage not yet DONE, in order"
 	@echo "  make status [run=NAME]                          each stage's state and headline metrics"
+	@echo "  make probe [run=NAME] [stage=S] [layers=1,2]    per-layer frozen-feature probes of an export"
 	@echo "  make test                                       the test suite (CPU)"
 	@echo "  make bench                                      training-step / data benchmarks -> bench/results/"
 	@echo "  make data                                       generate the shapes world into data/shapes"
@@ -51,6 +52,9 @@ pipeline: $(STAMP)
 
 status: $(STAMP)
 	@$(VENV)/bin/pe-lightning status $(OVERRIDES)
+
+probe: $(STAMP)
+	$(VENV)/bin/pe-lightning probe $(OVERRIDES)
 
 data: $(STAMP)
 	$(VENV)/bin/pe-lightning data shapes --out data/shapes

@@ -27,12 +27,12 @@ def ensure_world(root: Path, train: int) -> tuple[Path, float]:
 
 
 def measure(ctx, root: Path, workers: int, train: int) -> dict:
-    from pe_lightning.config import load_recipe
+    from pe_lightning.stages import load_stage_recipe
     from pe_lightning.data import ImageTextDataModule
     from pe_lightning.models.presets import get_preset
     from pe_lightning.models.tokenizer import get_tokenizer
 
-    cfg = load_recipe("pretrain", [f"model={ctx.preset}", f"data.root={root}", f"data.shapes_train={train}",
+    cfg = load_stage_recipe("pretrain", [f"model={ctx.preset}", f"data.root={root}", f"data.shapes_train={train}",
                                    "data.shapes_seed=0", "data.shapes_size=64", "data.generate=false",
                                    f"data.workers={workers}", f"data.image_size={ctx.resolution}"]
                       + [o for o in ctx.overrides if o.startswith("data.")])

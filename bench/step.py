@@ -24,7 +24,6 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from pe_lightning.stages.optim import trainer_clip_value
 
 from bench.common import (PeakMemory, Window, autocast, compile_counters, error_record, free_memory, rss_bytes,
                           sync_watch, synchronize, synthetic_batch, time_loop)
@@ -150,7 +149,7 @@ def run_lightning(stage, cfg, batch: dict, device: torch.device, precision: str,
         trainer = L.Trainer(
             accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=precision,
             max_epochs=-1, max_steps=total,
-            gradient_clip_val=trainer_clip_value(cfg.optim.name, cfg.optim.grad_clip),
+            # gradient clipping: the stage's own configure_gradient_clipping, as in a real run
             logger=_logger(tmp), callbacks=callbacks, enable_checkpointing=False,
             log_every_n_steps=cfg.train.log_every_n_steps, enable_progress_bar=progress_bar,
             enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False,
@@ -190,7 +189,8 @@ def loop_step(stage, batch: dict, device: torch.device, precision: str) -> Itera
     stage.train()
     optimizer = stage.configure_optimizers()
     params = [p for p in stage.parameters() if p.requires_grad]
-    clip = trainer_clip_value(stage.cfg.optim.name, stage.cfg.optim.grad_clip)  # LAMB clips inside its step
+    o = stage.cfg.optim
+    clip = o.grad_clip if o.name != "lamb" else None  # as PEStage.configure_gradient_clipping: LAMB clips itself
     trainer = LoopTrainer(optimizer)
     saved, stage._trainer = stage._trainer, trainer
 
@@ -246,18 +246,19 @@ class StageUnderTest:
     `variants` section reuses the compiled graphs."""
 
     def __init__(self, ctx):
-        from pe_lightning.config import load_recipe
+        from pe_lightning.stages import load_stage_recipe
         from pe_lightning.perf import tower_training_flops
         from pe_lightning.stages.pretrain import PretrainStage
 
         self.device = device = ctx.device
         self.overrides = recipe_overrides(ctx.preset, ctx.batch, ctx.resolution, ctx.precision,
                                           ctx.compile) + ctx.overrides
-        self.cfg = cfg = load_recipe("pretrain", self.overrides)
+        self.cfg = cfg = load_stage_recipe("pretrain", self.overrides)
         flops = tower_training_flops(cfg.model.preset, ctx.resolution, dict(cfg.model.vision), dict(cfg.model.text))
         self.flops = flops
         self.model_flops = flops["vision"] + flops["text"]
-        self.mask_extra = flops["vision"] * cfg.mask_reg.batch_fraction if cfg.mask_reg.enabled else 0.0
+        mask_reg = cfg.pretrain.mask_reg
+        self.mask_extra = flops["vision"] * mask_reg.batch_fraction if mask_reg.enabled else 0.0
         import lightning.pytorch.loggers  # noqa: F401  (imported before the RSS baseline is read)
         free_memory(device)
         self.baseline = rss_bytes()
@@ -276,8 +277,8 @@ class StageUnderTest:
             "preset": cfg.model.preset, "batch": ctx.batch, "resolution": ctx.resolution,
             "precision": ctx.precision, "compile": bool(cfg.model.compile), "optimizer": cfg.optim.name,
             "grad_clip": cfg.optim.grad_clip,
-            "mask_reg": {"enabled": bool(cfg.mask_reg.enabled), "batch_fraction": cfg.mask_reg.batch_fraction,
-                         "mask_ratio": cfg.mask_reg.mask_ratio},
+            "mask_reg": {"enabled": bool(cfg.pretrain.mask_reg.enabled), "batch_fraction": cfg.pretrain.mask_reg.batch_fraction,
+                         "mask_ratio": cfg.pretrain.mask_reg.mask_ratio},
             "flops_per_sample": self.model_flops, "flops_per_sample_vision": self.flops["vision"],
             "flops_per_sample_text": self.flops["text"],
             "flops_per_sample_incl_mask_reg": self.model_flops + self.mask_extra,

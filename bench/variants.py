@@ -2,7 +2,7 @@
 section's `ours: minimal loop` row). Each row is evidence for (or against) a change to code the bench does
 not own:
 
-  no-mask-reg  mask_reg.enabled=false: what mask regularization costs (open_clip has none);
+  no-mask-reg  pretrain.mask_reg.enabled=false: what mask regularization costs (open_clip has none);
   eager        model.compile off: what torch.compile buys;
   timm-lamb    optim.compile=false: timm's Lamb in place of our compiled FusedLamb, in the real step;
   adamw        optim.name=adamw (torch's AdamW, fused on CUDA, + the Trainer's clipping): LAMB's cost over
@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from bench.common import Window, error_record, free_memory
 from bench.step import StageUnderTest, lamb_path, run_loop
@@ -28,7 +29,7 @@ LABELS = {"no-mask-reg": "ours (loop): no mask regularization",
           "timm-lamb": "ours (loop): timm's Lamb instead of FusedLamb",
           "adamw": "ours (loop): torch AdamW + clipping instead of LAMB"}
 # variants that are one recipe key: (section, key, value); the loop builds its optimizer from the recipe
-RECIPE_VARIANTS = {"no-mask-reg": ("mask_reg", "enabled", False), "timm-lamb": ("optim", "compile", False),
+RECIPE_VARIANTS = {"no-mask-reg": ("pretrain.mask_reg", "enabled", False), "timm-lamb": ("optim", "compile", False),
                    "adamw": ("optim", "name", "adamw")}
 
 
@@ -37,7 +38,7 @@ def variant(sut: StageUnderTest, name: str):
     stage = sut.stage
     if name in RECIPE_VARIANTS:
         section, key, value = RECIPE_VARIANTS[name]
-        node = stage.cfg[section]
+        node = OmegaConf.select(stage.cfg, section)
         old = node[key]
         node[key] = value
         try:

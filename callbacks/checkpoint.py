@@ -13,6 +13,8 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from pe_lightning.io import fsync_dir, write_text_atomic
+
 
 class AtomicCheckpoint(L.Callback):
     """Writes checkpoints/last.ckpt through a temporary file and `os.replace`.
@@ -80,9 +82,8 @@ class AtomicCheckpoint(L.Callback):
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(tmp, self.path)
+            fsync_dir(self.path.parent)
             progress = {"samples_seen": int(getattr(pl_module, "samples_seen", 0)), "step": trainer.global_step}
-            tmp_progress = self.root / "progress.json.tmp"
-            tmp_progress.write_text(json.dumps(progress))
-            os.replace(tmp_progress, self.root / "progress.json")
+            write_text_atomic(self.root / "progress.json", json.dumps(progress))
         trainer.strategy.barrier()
 

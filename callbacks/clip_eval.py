@@ -1,10 +1,14 @@
-"""Zero-shot classification and image<->text retrieval, every `eval.every_n_steps` steps and at the end.
+"""Zero-shot classification and image<->text retrieval of a CLIP model, every `every_n_steps` and at the end.
 
-Reads the recipe's `eval.zeroshot` (CLIP_benchmark-layout folders) and `eval.retrieval` (image-caption
-shards). The first set of each kind gives the headline keys of export/metrics.json:
+Recipe: `callbacks: [{name: clip_eval, args: {every_n_steps: 0, limit: null, parent: true}}]`.
+Reads the eval sets of the recipe (`eval.zeroshot`: CLIP_benchmark-layout folders, `eval.retrieval`:
+image-caption shards; the data preset sets them). The first set of each kind gives the headline keys of
+export/metrics.json:
   zeroshot_top1, zeroshot_top5, zeroshot_heldout_top1, zeroshot_seen_top1, zeroshot_<factor>_acc,
   retrieval_i2t_r1 ... retrieval_t2i_r10;
-every set also logs under its own name (zeroshot_<name>_top1, retrieval_<name>_i2t_r1, ...).
+every set also logs under its own name (zeroshot_<name>_top1, retrieval_<name>_i2t_r1, ...). With `parent`,
+the same figures of the stage's parent export go under `parent_<key>` at the end (what the stage gained or
+cost). A model without a text tower or pooling head (PE-Lang, PE-Spatial) has no CLIP figures of its own.
 Runs on global rank 0 on the un-wrapped model; the other ranks wait at a barrier.
 """
 
@@ -19,18 +23,23 @@ import torch
 from pe_lightning.data.classification import load_classification_set
 from pe_lightning.data.retrieval import load_retrieval_set
 from pe_lightning.eval import build_zeroshot_classifier, retrieval_eval, zeroshot_eval
+from pe_lightning.data.transforms import resize_to
 from pe_lightning.models.tokenizer import get_tokenizer
-from pe_lightning.stages.pretrain import resize_to
 
 log = logging.getLogger("pe_lightning")
-HEADLINE = ("zeroshot_colour_acc", "zeroshot_shape_acc", "retrieval_i2t_r1", "retrieval_t2i_r1")
+
+
+def is_clip_model(model) -> bool:
+    """A model with a text tower and a pooled image embedding (what zero-shot and retrieval need)."""
+    return (not getattr(model, "vision_only", True)) and model.visual.cfg.pool_type != "none"
 
 
 class ClipEval(L.Callback):
-    def __init__(self, cfg, every_n_steps: int | None = None, limit: int | None = None):
+    def __init__(self, cfg, every_n_steps: int = 0, limit: int | None = None, parent: bool = True):
         self.cfg = cfg
-        self.every_n_steps = cfg.eval.every_n_steps if every_n_steps is None else every_n_steps
+        self.every_n_steps = every_n_steps  # 0: only at the end of the stage
         self.limit = limit  # samples per set (None: all); a quick look during long runs
+        self.parent = parent  # also evaluate the parent export at the end, under `parent_` keys
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for entry in [*self.cfg.eval.zeroshot, *self.cfg.eval.retrieval]:
@@ -44,27 +53,42 @@ class ClipEval(L.Callback):
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if pl_module.finished:
-            pl_module.metrics.update(self.evaluate(trainer, pl_module))
+        if not pl_module.finished:
+            return
+        pl_module.metrics.update(self.evaluate(trainer, pl_module))
+        if self.parent and trainer.is_global_zero:
+            parent = pl_module.parent_model()
+            if parent is not None and is_clip_model(parent):
+                figures = self._evaluate_model(parent, pl_module)
+                pl_module.metrics.update({f"parent_{k}": v for k, v in figures.items()})
+                self._log_line("parent", pl_module, figures)
+        trainer.strategy.barrier()
 
-    @torch.inference_mode()
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        if trainer.is_global_zero:
-            model = pl_module.model
-            was_training = model.training
-            model.eval()
-            try:
-                metrics = self._run_sets(model, pl_module)
-            finally:
-                model.train(was_training)
+        model = pl_module.eval_model()
+        if trainer.is_global_zero and is_clip_model(model):
+            metrics = self._evaluate_model(model, pl_module)
             if trainer.logger is not None:
                 trainer.logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
-            headline = {k: v for k, v in metrics.items() if k in HEADLINE or k.endswith("_top1")}
-            log.info("eval at %d samples: %s", pl_module.samples_seen,
-                     ", ".join(f"{k}={v:.3f}" for k, v in sorted(headline.items())))
+            self._log_line("eval", pl_module, metrics)
         trainer.strategy.barrier()
         return metrics
+
+    @torch.inference_mode()
+    def _evaluate_model(self, model: torch.nn.Module, pl_module: L.LightningModule) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        try:
+            return self._run_sets(model, pl_module)
+        finally:
+            model.train(was_training)
+
+    @staticmethod
+    def _log_line(what: str, pl_module: L.LightningModule, metrics: dict[str, float]) -> None:
+        shown = {k: v for k, v in metrics.items() if k in pl_module.headline_metrics or k.endswith("_top1")}
+        log.info("%s at %d samples: %s", what, pl_module.samples_seen,
+                 ", ".join(f"{k}={v:.3f}" for k, v in sorted(shown.items())))
 
     def _run_sets(self, model: torch.nn.Module, pl_module: L.LightningModule) -> dict[str, float]:
         ev, device = self.cfg.eval, pl_module.device

@@ -1,7 +1,7 @@
 """Images/s and model FLOPs utilization (MFU), logged every `train.log_every_n_steps` steps.
 
-MFU = model FLOPs per second (counted with torch.utils.flop_counter on a meta-device copy of the model at
-the current resolution) / the dense matmul peak measured on the same device at the start of the run.
+MFU = model FLOPs per second (the stage's `flops_per_sample(resolution)`: torch.utils.flop_counter on a
+meta-device copy of its model) / the dense matmul peak measured on the same device at the start of the run.
 Timing reads the clock only at log steps, after waiting for the device there (one host synchronisation per
 log interval, none on other steps), so the rate is the device's real rate, not how fast Python queued work.
 """
@@ -12,12 +12,11 @@ import time
 
 import lightning as L
 
-from pe_lightning.perf import matmul_peak_flops, synchronize, training_flops_per_sample
+from pe_lightning.perf import matmul_peak_flops, synchronize
 
 
 class ThroughputMonitor(L.Callback):
-    def __init__(self, cfg=None, measure_peak: bool = True):
-        self.cfg = cfg
+    def __init__(self, measure_peak: bool = True):
         self.measure_peak = measure_peak
         self.peak_flops = 0.0
         self._window_start = 0.0
@@ -25,11 +24,9 @@ class ThroughputMonitor(L.Callback):
         self._window_flops = 0.0
         self._flops_at: dict[int, float] = {}  # resolution -> FLOPs per sample
 
-    def _flops(self, resolution: int) -> float:
+    def _flops(self, pl_module: L.LightningModule, resolution: int) -> float:
         if resolution not in self._flops_at:
-            model = self.cfg.model
-            self._flops_at[resolution] = training_flops_per_sample(model.preset, resolution, dict(model.vision),
-                                                                   dict(model.text))
+            self._flops_at[resolution] = pl_module.flops_per_sample(resolution)
         return self._flops_at[resolution]
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -41,7 +38,7 @@ class ThroughputMonitor(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         samples = pl_module.batch_samples(batch) * trainer.world_size
         self._window_samples += samples
-        self._window_flops += self._flops(pl_module.current_phase.resolution) * samples  # this batch's phase
+        self._window_flops += self._flops(pl_module, pl_module.current_phase.resolution) * samples  # this batch's phase
         if trainer.global_step % trainer.log_every_n_steps:
             return
         synchronize(pl_module.device)

@@ -17,10 +17,12 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from pe_lightning.errors import UserError
+
 CALLBACKS_DIR = Path(__file__).resolve().parent.parent / "callbacks"
 
 
-class CallbackError(ValueError):
+class CallbackError(UserError, ValueError):
     """A callback spec that names no file, no class, or passes arguments the class does not take."""
 
 
@@ -91,6 +93,6 @@ def instantiate(name: str, args: dict[str, Any], cfg: DictConfig, stage_root: Pa
     return cls(**kwargs)
 
 
-def build_callbacks(cfg: DictConfig, sdir: Any) -> list[L.Callback]:
-    return [instantiate(spec.name, OmegaConf.to_container(spec.args, resolve=True), cfg, sdir.root)
+def build_callbacks(cfg: DictConfig, stage_root: Path) -> list[L.Callback]:
+    return [instantiate(spec.name, OmegaConf.to_container(spec.args, resolve=True), cfg, Path(stage_root))
             for spec in cfg.callbacks]

@@ -1,13 +1,17 @@
 """The recipe: a typed schema, merged from YAML layers and command-line overrides.
 
-Layers, later wins: schema defaults -> recipes/base.yaml -> recipes/models/<model>.yaml (if present)
--> recipes/data/<data>.yaml (if present) -> recipes/<stage>.yaml -> `key=value` overrides.
-Every key is checked against the schema when the recipe is loaded, so a typo fails at once with its name.
+Layers, later wins:
+  schema defaults (the shared sections below + the stage's own `Args` under its name)
+  -> recipes/base.yaml -> recipes/models/<model>.yaml (model keys) -> recipes/data/<data>.yaml (data and eval
+  sets) -> recipes/<stage>/<model>.yaml (the stage's scale for that model: samples, phases, lr)
+  -> recipes/<recipe>.yaml (the stage's method; a variant such as pretrain_vanilla) -> `key=value` overrides.
+Files that do not exist are skipped. Every key is checked against the schema when the recipe is loaded, so a
+typo fails at once with its name. This module knows no stage: the caller passes the stage's `Args` dataclass.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -15,11 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from pe_lightning.data.config import DataConfig
+from pe_lightning.errors import UserError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe that cannot be loaded: unknown key, bad value, missing file."""
 
 
@@ -54,21 +59,10 @@ class OptimSection:
 
 
 @dataclass
-class MaskRegSection:
-    """MaskFeat-style mask regularization (PE_REFERENCE.md s.6)."""
-
-    enabled: bool = True
-    batch_fraction: float = 0.0625  # 1/16 of the batch gets a masked copy
-    mask_ratio: float = 0.75  # of its patches replaced by the mask token
-    weight: float = 1.0  # not published: our choice
-
-
-@dataclass
 class TrainSection:
     total_samples: int = 100_000
     batch_size: int = 64  # used when `phases` is empty
     phases: list[PhaseSection] = field(default_factory=list)  # progressive resolution / batch schedule
-    max_logit_scale: float = 100.0  # CLIP's clamp of the temperature
     log_every_n_steps: int = 10
 
 
@@ -81,7 +75,9 @@ class EvalSetSection:
 
 @dataclass
 class EvalSection:
-    every_n_steps: int = 0  # 0: only at the end of the stage
+    """The evaluation *sets* (data, shared by every stage's eval callbacks and the probes; set by the data
+    preset). When and how a callback evaluates are that callback's own arguments."""
+
     batch_size: int = 256
     factor_names: list[str] = field(default_factory=list)  # e.g. [colour, shape] for two-word classes
     zeroshot: list[EvalSetSection] = field(default_factory=list)
@@ -119,11 +115,9 @@ class RecipeConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
-    mask_reg: MaskRegSection = field(default_factory=MaskRegSection)
     eval: EvalSection = field(default_factory=EvalSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
-    callbacks: list[CallbackSection] = field(default_factory=list)
-    stage_args: dict[str, Any] = field(default_factory=dict)  # stage-specific keys (see each stage file)
+    callbacks: list[CallbackSection] = field(default_factory=list)  # each stage recipe lists its own
 
 
 # Shorthands accepted on the command line: `model=PE-Core-B16-224` means `model.preset=PE-Core-B16-224`.
@@ -168,11 +162,22 @@ def _merge(schema: DictConfig, layer: DictConfig, source: str) -> DictConfig:
         raise RecipeError(f"{source}: bad value for {getattr(err, 'full_key', '?')!r}: {err.msg}") from err
 
 
+def recipe_schema(stage: str, args: Optional[type]) -> DictConfig:
+    """The typed schema of a stage's recipe: the shared sections plus `<stage>: Args` (the stage's own keys)."""
+    if args is None:
+        return OmegaConf.structured(RecipeConfig)
+    schema = make_dataclass(f"{stage.title()}Recipe", [(stage, args, field(default_factory=args))],
+                            bases=(RecipeConfig,))
+    return OmegaConf.structured(schema)
+
+
 def load_recipe(stage: str, overrides: list[str] | None = None, recipes_dir: Path = RECIPES_DIR,
-                recipe: str | None = None) -> DictConfig:
+                recipe: str | None = None, args: Optional[type] = None) -> DictConfig:
     """Merge the recipe layers for `stage` and validate every key. Returns a typed DictConfig.
 
     `recipe` names a variant stage file (e.g. `pretrain_vanilla`); by default it is the stage's own file.
+    `args` is the stage's `Args` dataclass (its keys live under `<stage>:`); the stage registry passes it
+    (`pe_lightning.stages.load_stage_recipe`).
     """
     cli = OmegaConf.from_dotlist(parse_overrides(overrides or []))
     stage_file = recipes_dir / f"{recipe or stage}.yaml"
@@ -184,11 +189,12 @@ def load_recipe(stage: str, overrides: list[str] | None = None, recipes_dir: Pat
     model_name = _peek([base, stage_layer, cli], "model.preset", "tiny")
     data_name = _peek([base, stage_layer, cli], "data.preset", "shapes")
     layers = [("recipes/base.yaml", base)]
-    for path in (recipes_dir / "models" / f"{model_name}.yaml", recipes_dir / "data" / f"{data_name}.yaml"):
+    for path in (recipes_dir / "models" / f"{model_name}.yaml", recipes_dir / "data" / f"{data_name}.yaml",
+                 recipes_dir / stage / f"{model_name}.yaml"):
         if path.exists():
             layers.append((str(path.relative_to(recipes_dir.parent)), _yaml_layer(path)))
     layers += [(f"recipes/{stage_file.name}", stage_layer), ("command line", cli)]
-    cfg = OmegaConf.structured(RecipeConfig)
+    cfg = recipe_schema(stage, args)
     for source, layer in layers:
         cfg = _merge(cfg, layer, source)
     cfg.stage = stage
@@ -201,28 +207,13 @@ def load_recipe(stage: str, overrides: list[str] | None = None, recipes_dir: Pat
 
 def _validate_model_overrides(cfg: DictConfig) -> None:
     """Model overrides are free-form dicts in the schema; check them against the preset dataclasses.
-    Then check the schedules, which need the model's patch size, so bad values fail before any work."""
+    (Schedules are checked by the stage when it is built, before anything is written.)"""
     from pe_lightning.models.presets import get_preset
-    from pe_lightning.stages.optim import WarmupCosine
-    from pe_lightning.stages.phases import PhaseSchedule
 
     try:
-        preset = get_preset(cfg.model.preset, vision=dict(cfg.model.vision), text=dict(cfg.model.text))
+        get_preset(cfg.model.preset, vision=dict(cfg.model.vision), text=dict(cfg.model.text))
     except (ValueError, TypeError) as err:
         raise RecipeError(f"model section: {err}") from err
-    train = cfg.train
-    phases = [(p.until_samples, p.resolution, p.batch_size) for p in train.phases] or [
-        (train.total_samples, cfg.data.image_size, train.batch_size)]
-    try:
-        PhaseSchedule(phases, train.total_samples, patch_size=preset.vision.patch_size,
-                      chunk_size=cfg.data.chunk_size)
-        WarmupCosine(cfg.optim.lr, cfg.optim.warmup_samples, train.total_samples, cfg.optim.min_lr_ratio)
-    except ValueError as err:
-        raise RecipeError(f"train/optim schedule: {err}") from err
-    too_large = [p[1] for p in phases if p[1] > cfg.data.image_size]
-    if too_large:
-        raise RecipeError(f"train.phases resolution {too_large[0]} exceeds data.image_size "
-                          f"{cfg.data.image_size}: the loader emits data.image_size; raise it")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -1,13 +1,15 @@
-"""The errors a user can cause and fix (a typo, a missing file, a stage run too early).
+"""The one base class of the errors a user can cause and fix (a typo, a missing file, a stage run too early).
 
-The command line prints these as one clear line (set PE_DEBUG=1 for the traceback); anything else is a bug
-and keeps its traceback.
+Every module's user-facing error subclasses `UserError` (RecipeError, PipelineError, CallbackError,
+CheckpointError, DataError, ...). The command line prints these as one clear line (set PE_DEBUG=1 for the
+traceback); anything else is a bug and keeps its traceback. This module imports nothing of the project, so
+every module can import it.
 """
 
-from pe_lightning.callback_loader import CallbackError
-from pe_lightning.config import RecipeError
-from pe_lightning.data.shards import DataError
-from pe_lightning.models.checkpoint import CheckpointError
-from pe_lightning.pipeline import PipelineError
 
-USER_ERRORS = (RecipeError, PipelineError, CallbackError, CheckpointError, DataError, FileNotFoundError)
+class UserError(Exception):
+    """A problem in the user's input (recipe, paths, data, weights) with a message that names the fix."""
+
+
+# FileNotFoundError from a path the user gave is also reported as one line.
+USER_ERRORS = (UserError, FileNotFoundError)

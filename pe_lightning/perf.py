@@ -1,62 +1,36 @@
-"""Performance accounting shared by the throughput callback and `make bench`: FLOPs and device peak."""
+"""Performance accounting shared by the stages (FLOPs per sample), the throughput callback and `make bench`."""
 
 from __future__ import annotations
 
 import time
-from functools import lru_cache
+from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def training_flops_per_sample(preset: str, resolution: int, vision: dict | None = None,
-                              text: dict | None = None) -> float:
-    """FLOPs of one forward + backward of image and text towers for one sample, counted by
-    torch.utils.flop_counter on a model built on the meta device (no memory, no compute)."""
-    flops = tower_training_flops(preset, resolution, vision, text)
-    return flops["vision"] + flops["text"]
+def training_flops(run: Callable[[], torch.Tensor]) -> float:
+    """FLOPs of `run()` forward + backward (`.sum().backward()`), counted by torch.utils.flop_counter. Build
+    the model and inputs on the meta device: no memory, no compute."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run().sum().backward()
+    return float(counter.get_total_flops())
 
 
 def tower_training_flops(preset: str, resolution: int, vision: dict | None = None,
                          text: dict | None = None) -> dict[str, float]:
-    """{"vision": ..., "text": ...}: forward + backward FLOPs of each tower for one sample (see
-    `training_flops_per_sample`). The vision figure also prices extra vision passes, such as the pretrain
-    stage's masked sub-batch (`mask_reg.batch_fraction` of the batch: vision FLOPs x that fraction)."""
-    vision_flops, text_flops = _flops(preset, resolution, _key(vision), _key(text))
-    return {"vision": vision_flops, "text": text_flops}
-
-
-def _key(d: dict | None) -> tuple:
-    return tuple(sorted((k, _freeze(v)) for k, v in (d or {}).items()))
-
-
-def _freeze(v):
-    if isinstance(v, dict):
-        return _key(v)
-    if isinstance(v, list):
-        return tuple(_freeze(x) for x in v)
-    return v
-
-
-def _thaw(t: tuple) -> dict:
-    return {k: (_thaw(v) if isinstance(v, tuple) and v and isinstance(v[0], tuple) else v) for k, v in t}
-
-
-@lru_cache(maxsize=32)
-def _flops(preset: str, resolution: int, vision: tuple, text: tuple) -> tuple[float, float]:
+    """{"vision": ..., "text": ...}: forward + backward FLOPs of each CLIP tower for one sample. The vision
+    figure also prices extra vision passes, such as the pretrain stage's masked sub-batch (vision FLOPs x
+    its batch fraction)."""
     from pe_lightning.models import build_model
 
     with torch.device("meta"):
-        model = build_model(preset, vision=_thaw(vision), text=_thaw(text))
+        model = build_model(preset, vision=vision or {}, text=text or {})
         images = torch.zeros(1, 3, resolution, resolution)
         tokens = torch.zeros(1, model.context_length, dtype=torch.long)
-    counts = []
-    for run in (lambda: model.encode_image(images), lambda: model.encode_text(tokens)):
-        counter = FlopCounterMode(display=False)
-        with counter:
-            run().sum().backward()
-        counts.append(float(counter.get_total_flops()))
-    return counts[0], counts[1]
+    return {"vision": training_flops(lambda: model.encode_image(images)),
+            "text": training_flops(lambda: model.encode_text(tokens))}
 
 
 def matmul_peak_flops(device: torch.device | str, dtype: torch.dtype | None = None, size: int | None = None,

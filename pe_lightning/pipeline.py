@@ -5,30 +5,35 @@ runs/<run>/<stage>/
   checkpoints/last.ckpt  Lightning state for resuming (model, optimizer, samples seen, data position)
   progress.json          samples seen and step at the last checkpoint (cheap to read for `status`)
   tb/                    TensorBoard logs
-  export/                weights in Meta's layout + config.yaml + metrics.json, written atomically
+  export/                weights in Meta's layout + model.json + config.yaml + metrics.json, written atomically
   DONE                   written last: the stage is finished and its export is complete
-A stage reads only its parents' export/, never their checkpoints.
+A stage reads only its parents' export/, never their checkpoints. Parents have roles (recipes/pipeline.yaml):
+`init` weights are loaded on a fresh start only; a `teacher` is rebuilt from its export on every start.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from pe_lightning.config import RECIPES_DIR, RecipeError, load_recipe, result_keys, to_yaml
-from pe_lightning.stages import STAGE_NAMES, StageNotAvailable, stage_class
+from pe_lightning.config import RECIPES_DIR, RecipeError, result_keys, to_yaml
+from pe_lightning.errors import UserError
+from pe_lightning.exports import Export
+from pe_lightning.io import replace_dir_atomic, write_text_atomic
+from pe_lightning.stages import STAGES, StageNotAvailable, load_stage_recipe, stage_class
 
 log = logging.getLogger("pe_lightning")
 
+ROLES = ("init", "teacher")
 
-class PipelineError(RuntimeError):
+
+class PipelineError(UserError, RuntimeError):
     """A stage cannot run as asked: a missing parent, a conflicting resume, an unavailable stage."""
 
 
@@ -65,41 +70,58 @@ def stage_dir(cfg: DictConfig, stage: str | None = None) -> StageDir:
     return StageDir(Path(cfg.runs_dir) / cfg.run / (stage or cfg.stage))
 
 
-def read_pipeline(path: Path = RECIPES_DIR / "pipeline.yaml") -> dict[str, list[str]]:
-    """Stage name -> parent names, in run order."""
+Pipeline = dict[str, dict[str, str]]  # stage -> {role: parent stage}, in run order
+
+
+def read_pipeline(path: Path = RECIPES_DIR / "pipeline.yaml") -> Pipeline:
+    """Stage name -> {role: parent}, in run order; parents must come earlier, roles must be known."""
     spec = OmegaConf.load(path)
-    order = {name: list(node.get("parents", [])) for name, node in spec.stages.items()}
-    for name, parents in order.items():
-        unknown = [p for p in parents + [name] if p not in STAGE_NAMES]
-        if unknown:
-            raise PipelineError(f"{path}: unknown stage(s) {unknown}; known stages: {list(STAGE_NAMES)}")
+    order: Pipeline = {}
+    for name, node in spec.stages.items():
+        parents = dict(node or {})
+        bad_roles = sorted(set(parents) - set(ROLES))
+        if bad_roles:
+            raise PipelineError(f"{path}: stage {name!r} has unknown parent role(s) {bad_roles}; roles: {list(ROLES)}")
+        late = [p for p in parents.values() if p not in order]
+        if late:
+            raise PipelineError(f"{path}: stage {name!r} names parent(s) {late} that are not listed before it")
+        order[str(name)] = {str(k): str(v) for k, v in parents.items()}
     return order
 
 
-def parent_exports(cfg: DictConfig, pipeline: dict[str, list[str]]) -> dict[str, Path]:
-    """The export/ of each parent of this stage, or an error naming the stage to run first."""
-    exports = {}
-    for parent in pipeline.get(cfg.stage, []):
+def _override(cfg: DictConfig, role: str) -> str | None:
+    """`init=PATH` (root key) or `<stage>.teacher=PATH` (a stage's own key) replaces that parent."""
+    if role == "init":
+        return cfg.init
+    section = cfg.get(cfg.stage)
+    return section.get(role) if section is not None and role in section else None
+
+
+def parent_exports(cfg: DictConfig, pipeline: Pipeline, fresh: bool = True) -> dict[str, Export]:
+    """role -> Export of this stage's parents, or an error naming the stage to run first. On resume a
+    missing `init` parent is tolerated (its weights are in the checkpoint; only its `parent_` figures go)."""
+    stage_cls = stage_class(cfg.stage)
+    exports: dict[str, Export] = {}
+    parents = dict(pipeline.get(cfg.stage, {}))
+    for role in stage_cls.roles:
+        given = _override(cfg, role)
+        if given:
+            key = "init" if role == "init" else f"{cfg.stage}.{role}"
+            exports[role] = Export.at(given, what=key)
+            continue
+        parent = parents.get(role)
+        if parent is None:
+            continue
         parent_dir = stage_dir(cfg, parent)
         if not parent_dir.done.exists():
+            if role == "init" and not fresh:
+                continue
+            hint = "init=PATH" if role == "init" else f"{cfg.stage}.{role}=PATH"
             raise PipelineError(
-                f"stage {cfg.stage!r} starts from the export of {parent!r}, which is not finished in "
-                f"{parent_dir.root}. Run it first: make stage={parent} run={cfg.run} "
-                f"(or give weights directly with init=PATH)")
-        exports[parent] = parent_dir.export
+                f"stage {cfg.stage!r} needs the export of {parent!r} as its {role}, which is not finished in "
+                f"{parent_dir.root}. Run it first: make stage={parent} run={cfg.run} (or give weights with {hint})")
+        exports[role] = Export.at(parent_dir.export, what=f"{role} parent {parent}")
     return exports
-
-
-def init_weights(cfg: DictConfig, pipeline: dict[str, list[str]]) -> Path | None:
-    """The weights a fresh stage starts from: `init=` if given, else its first parent's export."""
-    if cfg.init:
-        path = Path(cfg.init)
-        if not path.exists():
-            raise PipelineError(f"init={cfg.init}: no such file. Give the path of a weights file "
-                                "(a stage's export/model.pt or a released Meta PE-*.pt)")
-        return path
-    exports = parent_exports(cfg, pipeline)
-    return next(iter(exports.values())) / "model.pt" if exports else None
 
 
 def config_changes(saved: DictConfig, current: DictConfig) -> list[str]:
@@ -110,7 +132,7 @@ def config_changes(saved: DictConfig, current: DictConfig) -> list[str]:
 
 def resume_checkpoint(cfg: DictConfig, sdir: StageDir) -> Path | None:
     """The checkpoint to resume from, after refusing the ambiguous and the inconsistent cases."""
-    if not sdir.checkpoint.exists():
+    if not sdir.checkpoint.exists() or cfg.resume == "never":
         return None
     if cfg.init:
         raise PipelineError(
@@ -125,31 +147,27 @@ def resume_checkpoint(cfg: DictConfig, sdir: StageDir) -> Path | None:
     return sdir.checkpoint
 
 
-def write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def export_stage(module: Any, cfg: DictConfig, sdir: StageDir) -> None:
-    """Write export/ through a temporary folder renamed into place, then DONE."""
-    tmp = sdir.root / "export.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    module.export(tmp)
-    (tmp / "config.yaml").write_text(to_yaml(cfg))
-    metrics = {**module.metrics, "samples_seen": module.samples_seen, "train_seconds": module.train_seconds}
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    if sdir.export.exists():
-        shutil.rmtree(sdir.export)
-    os.replace(tmp, sdir.export)
-    write_atomic_text(sdir.done, json.dumps({"samples_seen": module.samples_seen}) + "\n")
+    """Write export/ through a temporary folder swapped into place, then DONE."""
+    def build(tmp: Path) -> None:
+        module.export(tmp)
+        write_text_atomic(tmp / "config.yaml", to_yaml(cfg))
+        metrics = {**module.metrics, "samples_seen": module.samples_seen, "train_seconds": module.train_seconds}
+        write_text_atomic(tmp / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
+
+    replace_dir_atomic(build, sdir.export)
+    write_text_atomic(sdir.done, json.dumps({"samples_seen": module.samples_seen}) + "\n")
 
 
-def run_stage(cfg: DictConfig, pipeline: dict[str, list[str]] | None = None) -> Path:
+def build_stage(cfg: DictConfig, pipeline: Pipeline, ckpt: Path | None):
+    """The stage module with its parents read (before anything is written, so bad weights leave no folder)."""
+    stage_cls = stage_class(cfg.stage)
+    parents = parent_exports(cfg, pipeline, fresh=ckpt is None)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    return stage_cls(cfg, parents=parents, fresh=ckpt is None)
+
+
+def run_stage(cfg: DictConfig, pipeline: Pipeline | None = None) -> Path:
     """Run (or resume, or skip when DONE) one stage; returns its export folder."""
     from pe_lightning.trainer import fit_stage
 
@@ -158,19 +176,16 @@ def run_stage(cfg: DictConfig, pipeline: dict[str, list[str]] | None = None) -> 
     if sdir.done.exists():
         log.info("stage %s of run %s is DONE (%s); nothing to do", cfg.stage, cfg.run, sdir.export)
         return sdir.export
-    try:
-        stage_cls = stage_class(cfg.stage)
-    except StageNotAvailable as err:
-        raise PipelineError(str(err)) from err
     ckpt = resume_checkpoint(cfg, sdir)
-    weights = None if ckpt else init_weights(cfg, pipeline)
+    module = build_stage(cfg, pipeline, ckpt)
     sdir.root.mkdir(parents=True, exist_ok=True)
     if ckpt:
         log.info("resuming stage %s from %s", cfg.stage, ckpt)
     else:
-        write_atomic_text(sdir.config, to_yaml(cfg))
-        log.info("starting stage %s in %s%s", cfg.stage, sdir.root, f" from {weights}" if weights else "")
-    module, trainer = fit_stage(stage_cls, cfg, sdir, ckpt=ckpt, init_weights=weights)
+        write_text_atomic(sdir.config, to_yaml(cfg))
+        init = module.parents.get("init")
+        log.info("starting stage %s in %s%s", cfg.stage, sdir.root, f" from {init.weights}" if init else "")
+    trainer = fit_stage(module, sdir.root, ckpt)
     if not trainer.is_global_zero:
         return sdir.export
     if not module.finished:
@@ -184,24 +199,27 @@ def run_stage(cfg: DictConfig, pipeline: dict[str, list[str]] | None = None) -> 
 def run_pipeline(run: str, overrides: list[str], recipe_dir: Path = RECIPES_DIR) -> None:
     """Run every stage of the pipeline that is not DONE, in order."""
     pipeline = read_pipeline(recipe_dir / "pipeline.yaml")
+    missing = [s for s in pipeline if s not in STAGES]
+    if missing:  # an unbuilt stage stops the pipeline before anything runs, never a silent skip
+        raise PipelineError(f"the pipeline lists stage(s) {missing} that are not available in this version; "
+                            f"available: {sorted(STAGES)}")
     for stage in pipeline:
-        try:
-            stage_class(stage)  # an unbuilt stage stops the pipeline with a clear error, never a skip
-        except StageNotAvailable as err:
-            raise PipelineError(str(err)) from err
-        cfg = load_recipe(stage, [f"run={run}", *overrides], recipe_dir)
+        cfg = load_stage_recipe(stage, [f"run={run}", *overrides], recipes_dir=recipe_dir)
         run_stage(cfg, pipeline)
 
 
-def stage_status(cfg_run_dir: Path, stage: str) -> str:
-    sdir = StageDir(cfg_run_dir / stage)
+def _headline(stage: str, metrics: dict) -> str:
+    keys = [*stage_class(stage).headline_metrics, "samples_seen"]
+    return ", ".join(f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}"
+                     for k in keys if k in metrics)
+
+
+def stage_status(run_dir: Path, stage: str) -> str:
+    sdir = StageDir(run_dir / stage)
     if sdir.done.exists():
         metrics_file = sdir.export / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
-        headline = {k: metrics[k] for k in ("zeroshot_top1", "zeroshot_heldout_top1", "retrieval_i2t_r1",
-                                             "retrieval_t2i_r1", "samples_seen") if k in metrics}
-        return "done " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                   for k, v in headline.items())
+        return "done " + _headline(stage, metrics)
     if sdir.progress.exists():
         progress = json.loads(sdir.progress.read_text())
         return f"interrupted at {progress['samples_seen']} samples (step {progress['step']}); rerun to resume"
@@ -214,13 +232,10 @@ def status(runs_dir: str, run: str) -> str:
     """One line per stage of the pipeline: not started, interrupted at N samples, or done with metrics."""
     lines = [f"run {run} ({Path(runs_dir) / run})"]
     for stage in read_pipeline():
-        try:
-            stage_class(stage)
-            state = stage_status(Path(runs_dir) / run, stage)
-        except StageNotAvailable:
-            state = "not available yet"
+        state = stage_status(Path(runs_dir) / run, stage) if stage in STAGES else "not available yet"
         lines.append(f"  {stage:<9} {state}")
     return "\n".join(lines)
 
 
-__all__ = ["PipelineError", "RecipeError", "StageDir", "read_pipeline", "run_pipeline", "run_stage", "status"]
+__all__ = ["PipelineError", "RecipeError", "StageDir", "StageNotAvailable", "read_pipeline", "run_pipeline",
+           "run_stage", "status", "parent_exports", "resume_checkpoint", "export_stage", "build_stage"]

@@ -1,10 +1,10 @@
-"""How a stage is run by Lightning: the Trainer, its logger and callbacks, and the data."""
+"""How a stage is run by Lightning: build the stage, build the Trainer, `fit(stage, stage.datamodule())`."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Optional
 
 import lightning as L
 import torch
@@ -14,9 +14,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from pe_lightning.callback_loader import build_callbacks
-from pe_lightning.models.checkpoint import load_checkpoint
 from pe_lightning.stages.base import PEStage
-from pe_lightning.stages.optim import trainer_clip_value
 
 log = logging.getLogger("pe_lightning")
 
@@ -43,8 +41,7 @@ def build_trainer(cfg: DictConfig, stage_root: Path, callbacks: list[L.Callback]
         precision=resolve_precision(t.precision),
         max_epochs=-1,  # a stage ends when it has seen train.total_samples (the stage stops the trainer)
         max_steps=-1,
-        gradient_clip_val=trainer_clip_value(cfg.optim.name, cfg.optim.grad_clip),
-        accumulate_grad_batches=t.accumulate_grad_batches,
+        accumulate_grad_batches=t.accumulate_grad_batches,  # clipping: PEStage.configure_gradient_clipping
         logger=logger,
         callbacks=callbacks,
         enable_checkpointing=False,  # the `checkpoint` callback writes last.ckpt atomically
@@ -57,24 +54,11 @@ def build_trainer(cfg: DictConfig, stage_root: Path, callbacks: list[L.Callback]
     )
 
 
-def build_datamodule(cfg: DictConfig, module: PEStage) -> L.LightningDataModule:
-    from pe_lightning.data.datamodule import ImageTextDataModule
-    from pe_lightning.models.tokenizer import get_tokenizer
-
-    tokenize = get_tokenizer(module.model.context_length)
-    return ImageTextDataModule(cfg.data, tokenize=tokenize, seed=cfg.seed, batch_size_fn=module.local_batch_size)
-
-
-def fit_stage(stage_cls: type[PEStage], cfg: DictConfig, sdir: Any, ckpt: Path | None,
-              init_weights: Path | None) -> tuple[PEStage, L.Trainer]:
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = stage_cls(cfg)
-    if init_weights is not None:
-        load_checkpoint(module.model, init_weights)
-    trainer = build_trainer(cfg, sdir.root, build_callbacks(cfg, sdir))
-    datamodule = build_datamodule(cfg, module)
+def fit_stage(stage: PEStage, stage_root: Path, ckpt: Optional[Path]) -> L.Trainer:
+    """Train `stage` in `stage_root`, resuming from `ckpt` if given."""
+    trainer = build_trainer(stage.cfg, stage_root, build_callbacks(stage.cfg, stage_root))
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+        trainer.fit(stage, datamodule=stage.datamodule(), ckpt_path=str(ckpt) if ckpt else None)
     except SIGTERMException:
-        log.info("SIGTERM: stopped at %d samples after saving a checkpoint", module.samples_seen)
-    return module, trainer
+        log.info("SIGTERM: stopped at %d samples after saving a checkpoint", stage.samples_seen)
+    return trainer

@@ -4,7 +4,7 @@ import lightning as L
 import pytest
 
 from pe_lightning.callback_loader import CallbackError, instantiate, registered_names, resolve_class
-from pe_lightning.config import load_recipe
+from pe_lightning.stages import load_stage_recipe
 
 
 def test_stock_callbacks_are_registered_by_file_name():
@@ -18,7 +18,7 @@ def test_user_file_by_path_with_arguments(tmp_path):
                     "class Helper:\n    pass\n"
                     "class Counter(L.Callback):\n"
                     "    def __init__(self, start=0):\n        self.count = start\n")
-    cb = instantiate(f"{path}:Counter", {"start": 5}, load_recipe("pretrain"), tmp_path)
+    cb = instantiate(f"{path}:Counter", {"start": 5}, load_stage_recipe("pretrain"), tmp_path)
     assert isinstance(cb, L.Callback) and cb.count == 5
     assert type(resolve_class(str(path) + ":Counter")) is type(cb.__class__)
 
@@ -41,4 +41,4 @@ def test_bad_class_and_bad_arguments(tmp_path):
     with pytest.raises(CallbackError, match="defines 2 Callback classes"):
         resolve_class(str(path))  # ambiguous without :Class
     with pytest.raises(CallbackError, match="unexpected keyword argument 'y'"):
-        instantiate(f"{path}:A", {"y": 2}, load_recipe("pretrain"), tmp_path)
+        instantiate(f"{path}:A", {"y": 2}, load_stage_recipe("pretrain"), tmp_path)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL, tiny_run
-from pe_lightning.config import load_recipe
+from pe_lightning.stages import load_stage_recipe
 from pe_lightning.stages.phases import Phase
 from pe_lightning.stages.pretrain import PretrainStage
 
@@ -25,7 +25,7 @@ def test_no_recompiles_within_a_phase_and_no_graph_breaks(tiny_world, tmp_path):
 
     torch._dynamo.reset()
     counters.clear()
-    cfg = load_recipe("pretrain", tiny_run(tiny_world, tmp_path, "model.compile=true", *TINY_MODEL))
+    cfg = load_stage_recipe("pretrain", tiny_run(tiny_world, tmp_path, "model.compile=true", *TINY_MODEL))
     stage = PretrainStage(cfg)
     stage.log = lambda *args, **kwargs: None  # no Trainer here: the step's logging is Lightning's business
     stage.log_scalars = lambda *args, **kwargs: None
@@ -34,7 +34,7 @@ def test_no_recompiles_within_a_phase_and_no_graph_breaks(tiny_world, tmp_path):
     graphs_after_first_step = []
     for phase in (Phase(64, 16, 32), Phase(192, 32, 16)):
         for i in range(3):
-            loss = stage.step(_batch(phase.batch_size, phase.resolution, context, seed=i), phase)
+            loss = stage.loss(_batch(phase.batch_size, phase.resolution, context, seed=i), phase)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -9,7 +9,7 @@ import torch
 from timm.optim import Lamb
 
 from pe_lightning.stages.lamb import FusedLamb
-from pe_lightning.stages.optim import build_optimizer, param_groups, trainer_clip_value
+from pe_lightning.stages.optim import build_optimizer, param_groups
 
 
 def _net() -> torch.nn.Module:
@@ -136,9 +136,6 @@ def test_build_optimizer_picks_the_path_and_the_trainer_clips_only_for_adamw():
     fused = build_optimizer(model, "lamb", 1e-3, 0.1, grad_clip=1.0, compile=True)
     assert isinstance(fused, FusedLamb) and fused.compile and fused.max_grad_norm == 1.0
     assert build_optimizer(model, "lamb", 1e-3, 0.1, grad_clip=0.0).defaults["max_grad_norm"] is None
-    assert trainer_clip_value("lamb", 1.0) is None
-    assert trainer_clip_value("adamw", 1.0) == 1.0
-    assert trainer_clip_value("adamw", 0.0) is None
 
 
 def test_falls_back_to_eager_when_compilation_fails(caplog):

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import TINY_MODEL
-from pe_lightning.config import load_recipe
+from pe_lightning.stages import load_stage_recipe
 from pe_lightning.pipeline import run_stage
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,7 @@ def test_a_few_hundred_steps_learn_far_above_chance(tiny_world, tmp_path):
     overrides = [f"data.root={tiny_world}", "data.generate=false", "data.image_size=32", "data.workers=1",
                  f"runs_dir={tmp_path}", "run=learn", *TINY_MODEL, *STEPS_SCHEDULE,
                  "callbacks=[{name: checkpoint}, {name: clip_eval}]"]
-    export = run_stage(load_recipe("pretrain", overrides))
+    export = run_stage(load_stage_recipe("pretrain", overrides))
     metrics = json.loads((export / "metrics.json").read_text())
     assert metrics["samples_seen"] == 9600  # 300 steps of 32
     assert metrics["zeroshot_colour_acc"] >= COLOUR_BOUND, metrics

@@ -9,7 +9,9 @@ import torch
 from torch._dynamo.utils import counters
 
 from pe_lightning.models import build_model
-from pe_lightning.perf import tower_training_flops, training_flops_per_sample
+from pe_lightning.perf import tower_training_flops
+from pe_lightning.stages import load_stage_recipe
+from pe_lightning.stages.pretrain import PretrainStage
 
 
 def test_compiled_tower_routes_forward_features_and_head():
@@ -62,7 +64,7 @@ def test_compiled_tower_trains():
 def test_tower_flops_add_up():
     flops = tower_training_flops("tiny", 64)
     assert flops["vision"] > flops["text"] > 0
-    assert training_flops_per_sample("tiny", 64) == flops["vision"] + flops["text"]
+    assert PretrainStage(load_stage_recipe("pretrain")).flops_per_sample(64) == flops["vision"] + flops["text"]
     # more pixels, more vision FLOPs; the text tower does not care
     bigger = tower_training_flops("tiny", 96)
     assert bigger["vision"] > flops["vision"] and bigger["text"] == flops["text"]

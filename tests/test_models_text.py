@@ -134,8 +134,10 @@ def test_encode_video_is_mean_of_frames():
         per_frame = torch.stack([m.encode_image(frames[:, t]) for t in range(3)], dim=1)
         video = m.encode_video(frames)
         torch.testing.assert_close(video, per_frame.mean(dim=1), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(m.encode_video(frames, normalize=True), F.normalize(per_frame.mean(1), dim=-1),
+        # normalize=True is Meta's: each frame normalised, then averaged (not the normalised mean)
+        torch.testing.assert_close(m.encode_video(frames, normalize=True), F.normalize(per_frame, dim=-1).mean(1),
                                    atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(m.encode_video(frames, normalize=True), F.normalize(per_frame.mean(1), dim=-1))
     with pytest.raises(ValueError, match="frames"):
         m.encode_video(torch.randn(2, 3, 48, 48))
 
@@ -155,6 +157,17 @@ def test_vision_only_models():
     core = small_clip()
     core.visual.truncate(1)
     assert core.cfg.vision.pool_type == "none" and core.cfg.vision.truncated_from == 1
+
+
+def test_class_token_pooling_has_a_head():
+    """The vanilla-CLIP baseline pools the class token: encode_image must work (it once refused every model
+    without an attention-pooling head, so the baseline crashed in its first FLOP count)."""
+    torch.manual_seed(0)
+    m = build_model("tiny", vision={"layers": 1, "pool_type": "tok", "use_rope": False}).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens = m.visual.forward_features(images)
+        torch.testing.assert_close(m.encode_image(images), tokens[:, 0] @ m.visual.proj)
 
 
 def test_clip_grad_flows_and_checkpointing():

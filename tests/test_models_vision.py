@@ -72,7 +72,9 @@ def test_tiny_preset():
     assert (v.image_size, v.patch_size, v.stem, v.width, v.layers, v.heads, v.mlp_dim) == (64, 8, "conv", 128, 4, 2, 512)
     assert v.use_cls_token and v.pool_type == "attn" and v.use_ln_post and v.output_dim == 128
     assert (t.context_length, t.width, t.layers, t.heads, t.output_dim) == (32, 128, 2, 2, 128)
-    assert set(PRESETS) == set(TABLE) | {"tiny"}
+    assert set(PRESETS) == set(TABLE) | {"tiny", "tiny-half"}
+    half = get_preset("tiny-half")  # the distillation student: half the width, same grid and depth
+    assert (half.vision.width, half.text.width, half.vision.layers, half.vision.output_dim) == (64, 64, 4, 64)
 
 
 def test_get_preset_errors_and_overrides():
@@ -95,12 +97,10 @@ def test_get_preset_errors_and_overrides():
         get_preset("tiny", vision={"pool_type": "avg"})
     with pytest.raises(ValueError, match="patch_size=8"):
         get_preset("tiny", vision={"patch_size": 16})
-    # a vision-only preset gets the Core text tower of its size (plus a head)
     assert get_preset("PE-Spatial-T16-512", vision={}, text={}).text is None  # empty dicts change nothing
     assert get_preset("tiny", vision={}, text={}) == get_preset("tiny")
-    sp = get_preset("PE-Spatial-T16-512", text={"layers": 2},
-                    vision=dict(pool_type="attn", use_ln_post=True, output_dim=512))
-    assert sp.text.width == 512 and sp.text.layers == 2 and sp.text.context_length == 32
+    with pytest.raises(ValueError, match="no text tower to override"):  # no grafting of a text tower
+        get_preset("PE-Spatial-T16-512", text={"layers": 2})
     assert CLIPConfig.from_dict(cfg.to_dict()) == cfg
 
 

@@ -27,15 +27,11 @@ def test_phases_switch_at_sample_counts():
         s.at(-1)
 
 
-def test_single_phase_and_from_mappings():
+def test_single_phase_and_only_phases():
     s = PhaseSchedule([Phase(50, 64, 16)], total_samples=50)
     assert s.at(0) == (0, Phase(50, 64, 16)) and s.at(49)[0] == 0
-    m = PhaseSchedule([{"until_fraction": 0.25, "resolution": 98, "batch_size": 32},
-                       {"until_samples": None, "resolution": 336, "batch_size": 64}], total_samples=1000,
-                      patch_size=14)
-    assert m.boundaries == (250, 1000) and m.at(250)[1].resolution == 336
-    t = PhaseSchedule([(10, 32, 8), (20, 64, 8)], total_samples=20)
-    assert t.at(15)[1] == Phase(20, 64, 8)
+    with pytest.raises(TypeError, match="Phase objects"):
+        PhaseSchedule([(10, 32, 8), (20, 64, 8)], total_samples=20)
 
 
 @pytest.mark.parametrize("phases, kw, match", [

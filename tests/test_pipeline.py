@@ -5,13 +5,22 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from pe_lightning.config import load_recipe
-from pe_lightning.pipeline import (PipelineError, StageDir, init_weights, parent_exports, read_pipeline,
-                                   resume_checkpoint, run_pipeline, run_stage, status, write_atomic_text)
+from pe_lightning import stages
+from pe_lightning.io import write_text_atomic
+from pe_lightning.pipeline import (PipelineError, StageDir, parent_exports, read_pipeline, resume_checkpoint,
+                                   run_pipeline, run_stage, status)
+from pe_lightning.stages import load_stage_recipe
+from pe_lightning.stages.pretrain import PretrainStage
+
+
+@pytest.fixture
+def video_registered(monkeypatch):
+    """A stand-in `video` stage (pretrain's class, role `init`), so parent lookup can be tested here."""
+    monkeypatch.setitem(stages.STAGES, "video", PretrainStage)
 
 
 def recipe(tmp_path, stage="pretrain", *overrides):
-    return load_recipe(stage, [f"runs_dir={tmp_path}", "run=r", *overrides])
+    return load_stage_recipe(stage, [f"runs_dir={tmp_path}", "run=r", *overrides])
 
 
 def finish(tmp_path, stage, metrics=None):
@@ -23,35 +32,50 @@ def finish(tmp_path, stage, metrics=None):
     return sdir
 
 
-def test_pipeline_lists_all_five_stages_with_parents():
+def test_pipeline_lists_all_five_stages_with_parents_by_role():
     pipeline = read_pipeline()
     assert list(pipeline) == ["pretrain", "video", "distill", "lang", "spatial"]
-    assert pipeline["video"] == ["pretrain"] and pipeline["spatial"] == ["video"]
+    assert pipeline["pretrain"] == {} and pipeline["video"] == {"init": "pretrain"}
+    assert pipeline["distill"] == {"teacher": "video"}
+    assert pipeline["spatial"] == {"init": "video", "teacher": "video"}
 
 
-def test_missing_parent_names_the_stage_to_run_first(tmp_path):
+def test_pipeline_file_errors_name_the_problem(tmp_path):
+    bad = tmp_path / "pipeline.yaml"
+    bad.write_text("stages:\n  pretrain: {}\n  video: {parent: pretrain}\n")
+    with pytest.raises(PipelineError, match=r"unknown parent role.*parent"):
+        read_pipeline(bad)
+    bad.write_text("stages:\n  video: {init: pretrain}\n  pretrain: {}\n")
+    with pytest.raises(PipelineError, match="not listed before it"):
+        read_pipeline(bad)
+
+
+def test_missing_parent_names_the_stage_to_run_first(tmp_path, video_registered):
     cfg = recipe(tmp_path)
     cfg.stage = "video"
     with pytest.raises(PipelineError, match=r"make stage=pretrain run=r"):
         parent_exports(cfg, read_pipeline())
+    assert parent_exports(cfg, read_pipeline(), fresh=False) == {}  # resuming: the weights are in the ckpt
 
 
-def test_parent_export_is_found_once_done(tmp_path):
+def test_parent_export_is_found_once_done(tmp_path, video_registered):
     sdir = finish(tmp_path, "pretrain")
     cfg = recipe(tmp_path)
     cfg.stage = "video"
-    assert init_weights(cfg, read_pipeline()) == sdir.weights
+    parents = parent_exports(cfg, read_pipeline())
+    assert list(parents) == ["init"] and parents["init"].weights == sdir.weights
+    assert parents["init"].folder == sdir.export
 
 
-def test_init_overrides_parent_and_must_exist(tmp_path):
+def test_init_overrides_parent_and_must_exist(tmp_path, video_registered):
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"x")
     cfg = recipe(tmp_path, "pretrain", f"init={weights}")
     cfg.stage = "video"
-    assert init_weights(cfg, read_pipeline()) == weights  # no parent needed with init=
+    assert parent_exports(cfg, read_pipeline())["init"].weights == weights  # no parent needed with init=
     cfg.init = str(tmp_path / "missing.pt")
-    with pytest.raises(PipelineError, match="no such file"):
-        init_weights(cfg, read_pipeline())
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        parent_exports(cfg, read_pipeline())
 
 
 def test_done_stage_is_skipped(tmp_path):
@@ -61,7 +85,7 @@ def test_done_stage_is_skipped(tmp_path):
 
 def test_unbuilt_stage_is_rejected_not_skipped(tmp_path):
     finish(tmp_path, "pretrain")
-    with pytest.raises(PipelineError, match="not available yet"):
+    with pytest.raises(PipelineError, match=r"not available.*available: \['pretrain'"):
         run_pipeline("r", [f"runs_dir={tmp_path}"])
 
 
@@ -69,7 +93,7 @@ def _unfinished(tmp_path, cfg):
     sdir = StageDir(tmp_path / "r" / "pretrain")
     sdir.checkpoint.parent.mkdir(parents=True)
     sdir.checkpoint.write_bytes(b"ckpt")
-    write_atomic_text(sdir.config, OmegaConf.to_yaml(cfg))
+    write_text_atomic(sdir.config, OmegaConf.to_yaml(cfg))
     return sdir
 
 
@@ -84,8 +108,8 @@ def test_init_and_resume_together_is_an_error(tmp_path):
 def test_resume_refuses_a_changed_recipe_and_lists_the_keys(tmp_path):
     sdir = _unfinished(tmp_path, recipe(tmp_path))
     assert resume_checkpoint(recipe(tmp_path, "pretrain", "trainer.progress_bar=false"), sdir) == sdir.checkpoint
-    changed = recipe(tmp_path, "pretrain", "optim.lr=0.5", "mask_reg.weight=2")
-    with pytest.raises(PipelineError, match=r"(?s)mask_reg.weight.*optim.lr.*resume=force"):
+    changed = recipe(tmp_path, "pretrain", "optim.lr=0.5", "pretrain.mask_reg.weight=2")
+    with pytest.raises(PipelineError, match=r"(?s)optim.lr.*pretrain.mask_reg.weight.*resume=force"):
         resume_checkpoint(changed, sdir)
     changed.resume = "force"
     assert resume_checkpoint(changed, sdir) == sdir.checkpoint

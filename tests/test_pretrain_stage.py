@@ -7,7 +7,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import tiny_run
-from pe_lightning.config import load_recipe
+from pe_lightning.stages import load_stage_recipe
 from pe_lightning.models import build_model
 from pe_lightning.models.checkpoint import load_checkpoint
 from pe_lightning.pipeline import StageDir, run_stage
@@ -32,7 +32,7 @@ def finished_run(tiny_world, tmp_path_factory):
     recorder.write_text(RECORDER)
     callbacks = ("callbacks=[{name: checkpoint}, {name: throughput}, {name: clip_eval}, "
                  f"{{name: '{recorder}:Recorder', args: {{out: '{runs / 'steps.json'}'}}}}]")
-    cfg = load_recipe("pretrain", tiny_run(tiny_world, runs, callbacks))
+    cfg = load_stage_recipe("pretrain", tiny_run(tiny_world, runs, callbacks))
     export = run_stage(cfg)
     return cfg, StageDir(runs / "t" / "pretrain"), export, json.loads((runs / "steps.json").read_text())
 
@@ -77,9 +77,9 @@ def test_training_curves_reach_tensorboard(finished_run):
 
 
 def test_vanilla_clip_baseline_runs_side_by_side(tiny_world, tmp_path):
-    cfg = load_recipe("pretrain", tiny_run(tiny_world, tmp_path, "run=vanilla",
+    cfg = load_stage_recipe("pretrain", tiny_run(tiny_world, tmp_path, "run=vanilla",
                                            "callbacks=[{name: checkpoint}]"), recipe="pretrain_vanilla")
-    assert cfg.optim.name == "adamw" and not cfg.mask_reg.enabled and cfg.model.vision.pool_type == "tok"
+    assert cfg.optim.name == "adamw" and not cfg.pretrain.mask_reg.enabled and cfg.model.vision.pool_type == "tok"
     export = run_stage(cfg)
     model = build_model(cfg.model.preset, vision=dict(cfg.model.vision), text=dict(cfg.model.text))
     load_checkpoint(model, export / "model.pt")
@@ -89,7 +89,7 @@ def test_vanilla_clip_baseline_runs_side_by_side(tiny_world, tmp_path):
 def _stage_with_trainer(tiny_world, tmp_path, trainer, *overrides):
     from pe_lightning.stages.pretrain import PretrainStage
 
-    stage = PretrainStage(load_recipe("pretrain", tiny_run(tiny_world, tmp_path, *overrides)))
+    stage = PretrainStage(load_stage_recipe("pretrain", tiny_run(tiny_world, tmp_path, *overrides)))
     stage._trainer = trainer
     return stage
 

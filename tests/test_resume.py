@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import tiny_run
-from pe_lightning.config import load_recipe
+from pe_lightning.stages import load_stage_recipe
 from pe_lightning.pipeline import StageDir, run_stage
 
 pytestmark = pytest.mark.slow
@@ -69,7 +69,7 @@ def _assert_same_weights(a: dict, b: dict) -> None:
 @pytest.fixture(scope="module")
 def reference(tiny_world, tmp_path_factory):
     runs = tmp_path_factory.mktemp("reference")
-    return _weights(run_stage(load_recipe("pretrain", tiny_run(tiny_world, runs, _callbacks()))))
+    return _weights(run_stage(load_stage_recipe("pretrain", tiny_run(tiny_world, runs, _callbacks()))))
 
 
 def _wait_for(predicate, process, timeout=300.0):

@@ -34,7 +34,7 @@ from pe_lightning.data.rebatch import StreamLoader, check_batch_size
 from pe_lightning.data.shards import DataError, ResolvedSource, resolve_sources
 from pe_lightning.data.stream import StreamDataset, StreamSpec, probe_source
 from pe_lightning.data.transforms import derive_seed
-from pe_lightning.data.video_text import VideoTextDecoder
+from pe_lightning.data.video_text import VideoTextDecoder, video_decoder_for
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,16 @@ def as_data_config(cfg: Any) -> DataConfig:
     return _build(DataConfig, cfg, "data")
 
 
+class ScheduledBatchSize:
+    """samples consumed on this rank -> this rank's batch size, from a schedule of global batch sizes."""
+
+    def __init__(self, schedule: Any, world_size: int):
+        self.schedule, self.world_size = schedule, int(world_size)
+
+    def __call__(self, samples_consumed_local: int) -> int:
+        return self.schedule.at(samples_consumed_local * self.world_size)[1].local_batch_size(self.world_size)
+
+
 class StreamDataModule(L.LightningDataModule):
     """Shared machinery; subclasses choose the sources, the shapes-world split and the decoder."""
 
@@ -85,7 +95,8 @@ class StreamDataModule(L.LightningDataModule):
 
     def __init__(self, cfg: Any, tokenize: Optional[Tokenize] = None, seed: int = 0, rank: Optional[int] = None,
                  world_size: Optional[int] = None, batch_size: Optional[int] = None,
-                 batch_size_fn: Optional[Callable[[int], int]] = None, keep_captions: bool = False):
+                 batch_size_fn: Optional[Callable[[int], int]] = None, keep_captions: bool = False,
+                 schedule: Any = None):
         """
         Args:
             cfg: the `data` section (DataConfig, OmegaConf node or dict).
@@ -94,6 +105,8 @@ class StreamDataModule(L.LightningDataModule):
             rank, world_size: override torch.distributed (tests, or manual sharding).
             batch_size: samples per rank per batch (default chunk_size); settable later, multiple of chunk_size.
             batch_size_fn: alternatively, samples_consumed (this rank) -> batch size of the next batch.
+            schedule: alternatively, the stage's PhaseSchedule (global batch sizes over global samples seen);
+                the per-rank batch follows it once the world size is known (`setup`).
             keep_captions: also put the (possibly flip-swapped) caption strings in batches under "caption".
         """
         super().__init__()
@@ -107,6 +120,7 @@ class StreamDataModule(L.LightningDataModule):
             raise ValueError(f"data.chunk_size must be > 0, got {c.chunk_size}")
         self._batch_size = check_batch_size(batch_size or c.chunk_size, c.chunk_size)
         self._batch_size_fn = batch_size_fn
+        self.schedule = schedule
         self.streams = int(c.streams) if c.streams > 0 else max(1, int(c.workers))
         self.sources: list[ResolvedSource] = []
         self.rank, self.world_size = 0, 1
@@ -167,6 +181,8 @@ class StreamDataModule(L.LightningDataModule):
             return
         self.ensure_data()
         self.rank, self.world_size = self._resolve_rank()
+        if self.schedule is not None and self._batch_size_fn is None:
+            self._batch_size_fn = ScheduledBatchSize(self.schedule, self.world_size)
         confs = self.source_configs()
         what = f"data.{self.sources_key}"
         if not confs:
@@ -227,13 +243,17 @@ class StreamDataModule(L.LightningDataModule):
 
     @property
     def batch_size(self) -> int:
-        return self._loader.batch_size if self._loader is not None else (
-            self._batch_size_fn(0) if self._batch_size_fn else self._batch_size)
+        if self._loader is not None:
+            return self._loader.batch_size
+        if self._batch_size_fn is None and self.schedule is not None:
+            return ScheduledBatchSize(self.schedule, 1)(0)
+        return self._batch_size_fn(0) if self._batch_size_fn else self._batch_size
 
     @batch_size.setter
     def batch_size(self, value: int) -> None:
         self._batch_size = check_batch_size(value, self.cfg.chunk_size)
         self._batch_size_fn = None
+        self.schedule = None
         if self._loader is not None:
             self._loader.batch_size = value
 
@@ -327,8 +347,7 @@ class VideoTextDataModule(StreamDataModule):
         return int(self.cfg.video_shuffle_buffer)
 
     def make_decoder(self) -> VideoTextDecoder:
-        return VideoTextDecoder(self.cfg.image_size, self.cfg.num_frames, self.cfg.augment, self.tokenize,
-                                self.seed, keep_captions=self.keep_captions)
+        return video_decoder_for(self.cfg, self.tokenize, self.seed, keep_captions=self.keep_captions)
 
 
 class InstructionDataModule(StreamDataModule):

@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import braceexpand
 
+from pe_lightning.errors import UserError
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -40,7 +42,7 @@ __all__ = [
 ]
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """A data problem found at start (missing shard, empty pattern, unknown size, no usable samples)."""
 
 

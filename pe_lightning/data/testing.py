@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 TINY_WORLD = dict(train=256, size=32, retrieval=64, zeroshot_per_class=2, video_train=32, video_test=8,
-                  instruct=64, workers=1)
+                  instruct=64, instruct_test=16, probe_per_class=2, workers=1)
 
 
 def tiny_shapes_world(root: str | Path, seed: int = 0, **overrides) -> Path:

@@ -171,6 +171,18 @@ class TrainTransform:
 _LR = re.compile(r"\b(left|right)(most|ward|wards)?\b", re.IGNORECASE)
 
 
+def resize_to(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Batched images [..., 3, H, W] to resolution x resolution on their device (bilinear, antialiased).
+    Progressive resolution and the eval callbacks resize here, so the data stream never restarts for it."""
+    if images.shape[-1] == resolution and images.shape[-2] == resolution:
+        return images
+    lead = images.shape[:-3]
+    flat = images.reshape(-1, *images.shape[-3:])
+    out = torch.nn.functional.interpolate(flat, size=(resolution, resolution), mode="bilinear",
+                                          align_corners=False, antialias=True)
+    return out.reshape(*lead, *out.shape[-3:])
+
+
 def swap_left_right(text: str) -> str:
     """Swap 'left' <-> 'right' (also -most / -ward(s)), keeping capitalisation: the truthful-flip rule."""
 

@@ -25,13 +25,15 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
+
+from pe_lightning.errors import UserError
+from pe_lightning.io import torch_save_atomic
 
 from .clip import PECLIP
 from .vision import VisionTransformer, resample_posemb
@@ -45,7 +47,7 @@ _WRAPPERS = ("state_dict", "weights", "model", "module")
 _SHOW = 5  # keys named per category in an error
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read or does not match the model."""
 
 
@@ -99,7 +101,7 @@ def read_state_dict(src: Source) -> Tuple[StateDict, str]:
             else:
                 obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # corrupt, truncated, not a torch file, pickled objects
-            raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+            raise CheckpointError(f"cannot read checkpoint {path}: {_load_failure(e)}") from None
     for _ in range(3):
         if isinstance(obj, Mapping):
             inner = next((obj[w] for w in _WRAPPERS if isinstance(obj.get(w), Mapping)), None)
@@ -113,6 +115,15 @@ def read_state_dict(src: Source) -> Tuple[StateDict, str]:
     if bad:
         raise CheckpointError(f"checkpoint {where} holds non-tensor entries {bad[:_SHOW]}: not a state dict")
     return {_strip_key(str(k)): v for k, v in obj.items()}, where
+
+
+def _load_failure(error: Exception) -> str:
+    """One short line for a file torch cannot load (torch's own message is several lines of pickle advice)."""
+    text = str(error)
+    if "Weights only load failed" in text or "Unsupported global" in text:
+        return ("it holds pickled Python objects, not only tensors; load it in Python and save its state_dict "
+                "with torch.save")
+    return "not a PyTorch checkpoint (truncated or corrupt?)"
 
 
 def detect_format(sd: Mapping[str, Any]) -> str:
@@ -393,38 +404,9 @@ def to_meta_state_dict(model: nn.Module, *, include_mask_token: bool = False,
     return out
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_state_dict_atomic(sd: Mapping[str, torch.Tensor], path: Union[str, os.PathLike]) -> Path:
     """torch.save to a temporary file in the same directory, fsync, os.replace: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(sd), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return torch_save_atomic(dict(sd), path)
 
 
 def export_checkpoint(model: nn.Module, path: Union[str, os.PathLike], *, include_mask_token: bool = False,

@@ -50,7 +50,7 @@ class PECLIP(TextTransformer):
                                f"tower (a PE-Core preset, or text={{...}}) to encode text")
 
     def _need_head(self) -> None:
-        if self.visual.attn_pool is None:
+        if self.visual.cfg.pool_type == "none":  # 'attn' (PE) and 'tok' (the vanilla baseline) both pool
             raise RuntimeError(f"model {self.preset_name!r} has no vision pooling head (pool_type='none'); use "
                                f"model.visual.forward_features for its tokens")
 
@@ -67,15 +67,16 @@ class PECLIP(TextTransformer):
 
     def encode_video(self, frames: torch.Tensor, normalize: bool = False,
                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """[B, T, 3, H, W] -> [B, out]: mean over T of the un-normalised frame embeddings, then (optionally)
-        normalised. mask: optional [B, T, gh*gw]."""
+        """[B, T, 3, H, W] -> [B, out], as Meta's `CLIP.encode_video`: with normalize=False the mean over T of
+        the un-normalised frame embeddings (the zero-shot path, normalised by the caller); with normalize=True
+        each frame embedding is normalised first, then averaged (the mean is not re-normalised).
+        mask: optional [B, T, gh*gw]."""
         if frames.ndim != 5:
             raise ValueError(f"expected frames [B, T, 3, H, W], got shape {tuple(frames.shape)}")
         batch, steps = frames.shape[:2]
         flat_mask = mask.flatten(0, 1) if mask is not None else None
-        x = self.encode_image(frames.flatten(0, 1), mask=flat_mask)
-        x = x.view(batch, steps, -1).mean(dim=1)
-        return F.normalize(x, dim=-1) if normalize else x
+        x = self.encode_image(frames.flatten(0, 1), mask=flat_mask, normalize=normalize)
+        return x.view(batch, steps, -1).mean(dim=1)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

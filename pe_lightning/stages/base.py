@@ -1,60 +1,211 @@
-"""What every stage shares: the model, the optimizer and schedule, samples seen, seeding and export."""
+"""The stage contract: what every stage shares, and the hooks a stage overrides to be itself.
+
+A stage is one file `stages/<name>.py` with a `PEStage` subclass that reads like its loss:
+
+    class MyStage(PEStage):
+        name = "mine"                       # its recipe section is `mine:` and its folder runs/<run>/mine/
+        Args = MyArgs                       # a dataclass: the stage's own recipe keys, typed and checked
+        roles = ("init", "teacher")         # the parent roles it takes (recipes/pipeline.yaml)
+        headline_metrics = ("my_top1",)     # read by `status`, the report and the eval callback's log line
+
+        def build_model(self, init):        # the trained network (default: the PE CLIP of `model:`)
+        def build_teacher(self, parent):    # a frozen network, rebuilt from the parent on every start
+        def datamodule(self):               # its LightningDataModule, handed the tokenizer and schedule
+        def loss(self, batch, phase):       # the objective
+        def batch_samples(self, batch):     # samples in a batch (nested batches sum)
+        def flops_per_sample(self, res):    # read by the throughput callback
+        def export(self, out_dir):          # weights in Meta's layout
+
+Shared here: the optimizer and its parameter groups, gradient clipping, the lr and phase schedules as pure
+functions of `samples_seen`, per-step reseeding (so a resumed run continues exactly as an uninterrupted one
+would), frozen teachers kept outside the state dict, checkpoint bookkeeping and the export.
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Mapping, Optional
 
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from pe_lightning.config import RecipeError
-from pe_lightning.models import build_model
-from pe_lightning.models.checkpoint import export_checkpoint
+from pe_lightning.exports import Export, write_model_json
 from pe_lightning.stages.optim import WarmupCosine, build_optimizer, param_groups, set_lr
 from pe_lightning.stages.phases import Phase, PhaseSchedule
 
 
+@dataclass
+class NoArgs:
+    """A stage without keys of its own."""
+
+
 class PEStage(L.LightningModule):
-    """Base LightningModule of every stage.
+    name: ClassVar[str] = ""
+    Args: ClassVar[type] = NoArgs
+    roles: ClassVar[tuple[str, ...]] = ("init",)
+    headline_metrics: ClassVar[tuple[str, ...]] = ()
 
-    The learning rate and the progressive-resolution phase are pure functions of `samples_seen`, and every
-    step reseeds torch from (seed, step, rank): a run resumed from a checkpoint therefore continues exactly
-    as the uninterrupted run would have.
-    """
-
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, parents: Optional[Mapping[str, Export]] = None, fresh: bool = True):
+        """`parents`: role -> Export. A fresh stage loads its `init` parent's weights; a resumed one gets them
+        from its checkpoint. Teachers are rebuilt from their parent in both cases."""
         super().__init__()
         self.cfg = cfg
+        self.args = cfg[self.name] if self.name in cfg else OmegaConf.structured(self.Args)
         self.save_hyperparameters({"recipe": OmegaConf.to_container(cfg, resolve=True)})
-        self.model = build_model(cfg.model.preset, vision=dict(cfg.model.vision), text=dict(cfg.model.text))
+        self.parents: dict[str, Export] = dict(parents or {})
+        self._frozen: dict[str, nn.Module] = {}  # a plain dict: teachers are not submodules (see set_teacher)
         self.samples_seen = 0  # global samples trained on (all ranks)
         self.train_seconds = 0.0  # wall time spent in fit, summed over resumes
         self.metrics: dict[str, Any] = {}  # headline metrics, written to export/metrics.json
-        self.schedule = self._build_phase_schedule()
-        self.lr_schedule = WarmupCosine(cfg.optim.lr, cfg.optim.warmup_samples, cfg.train.total_samples,
-                                        cfg.optim.min_lr_ratio)
+        self.model = self.build_model(self.parents.get("init") if fresh else None)
+        if "teacher" in self.parents:
+            self.set_teacher("teacher", self.build_teacher(self.parents["teacher"]))
+        self.schedule = self.build_schedule()
+        self.lr_schedule = self._build_lr_schedule()
         self._fit_started_at = 0.0
         self.current_phase = self.phase()  # the phase of the batch being trained (set at batch start)
         if cfg.model.compile:
-            self.compile_towers()
+            self.compile_model()
 
-    def compile_towers(self) -> None:
+    # ----- hooks with the CLIP defaults of pretraining -----
+    def build_model(self, init: Optional[Export]) -> nn.Module:
+        """The network this stage trains: the PE CLIP model of `model:`, with `init`'s weights if given."""
+        from pe_lightning.models import build_model, load_checkpoint
+
+        m = self.cfg.model
+        model = build_model(m.preset, vision=dict(m.vision), text=dict(m.text))
+        if init is not None:
+            load_checkpoint(model, init.weights)
+        return model
+
+    def build_teacher(self, parent: Export) -> nn.Module:
+        """A frozen network built from a parent export (its own structure), rebuilt on every start."""
+        m = self.cfg.model
+        return parent.build_model(m.preset, dict(m.vision), dict(m.text))
+
+    def datamodule(self) -> L.LightningDataModule:
+        """Image-text batches {"image", "text"} with this model's tokenizer, batch sizes from the schedule."""
+        from pe_lightning.data.datamodule import ImageTextDataModule
+
+        return ImageTextDataModule(self.cfg.data, tokenize=self.tokenizer(), seed=self.cfg.seed,
+                                   schedule=self.schedule)
+
+    def tokenizer(self):
+        from pe_lightning.models.tokenizer import get_tokenizer
+
+        return get_tokenizer(self.model.context_length)
+
+    def loss(self, batch: Any, phase: Phase) -> torch.Tensor:
+        """The stage's objective on one batch (every stage defines it)."""
+        raise NotImplementedError(f"{type(self).__name__} must define loss(batch, phase)")
+
+    def batch_samples(self, batch: Any) -> int:
+        """Samples in a batch on this rank; a nested batch ({"image": {...}, "video": {...}}) sums its parts."""
+        if isinstance(batch, Mapping):
+            parts = [v for v in batch.values() if isinstance(v, Mapping)]
+            if parts:
+                return sum(self.batch_samples(p) for p in parts)
+            return next(len(v) for v in batch.values() if torch.is_tensor(v) or isinstance(v, list))
+        return len(batch)
+
+    def flops_per_sample(self, resolution: int) -> float:
+        """Training FLOPs (forward + backward) of one sample at `resolution`: image and text towers."""
+        from pe_lightning.perf import tower_training_flops
+
+        m = self.cfg.model
+        return sum(tower_training_flops(m.preset, resolution, dict(m.vision), dict(m.text)).values())
+
+    def parent_model(self) -> Optional[nn.Module]:
+        """The model of the first parent (init, else teacher), for the `parent_` figures of metrics.json."""
+        for role in ("init", "teacher"):
+            if role in self.parents:
+                if role == "teacher" and "teacher" in self._frozen:
+                    return self._frozen["teacher"]
+                return self.build_teacher(self.parents[role]).to(self.device)
+        return None
+
+    def eval_model(self) -> nn.Module:
+        """The model the eval callbacks evaluate (the trained network)."""
+        return self.model
+
+    def export(self, out_dir: Path) -> None:
+        """Write this stage's weights in Meta's layout into `out_dir` (the manager makes the folder atomic)."""
+        from pe_lightning.models.checkpoint import export_checkpoint
+
+        export_checkpoint(self.model, out_dir / "model.pt")
+        write_model_json(self.model, out_dir)
+
+    def compile_model(self) -> None:
         """torch.compile each tower in place (state-dict keys unchanged). Shapes change only at phase
         boundaries and for the masked sub-batch, so a run compiles a handful of graphs, not one per step."""
         self.model.visual.compile(dynamic=False)
-        self.model.transformer.compile(dynamic=False)
+        if not self.model.vision_only:
+            self.model.transformer.compile(dynamic=False)
+
+    # ----- frozen teachers -----
+    def set_teacher(self, name: str, module: nn.Module) -> nn.Module:
+        """Keep `module` frozen: eval mode, no gradients, outside `state_dict` (never in a checkpoint or an
+        export), outside DDP's parameter sync, moved and cast with the stage. Rebuilt on every start."""
+        module.eval()
+        module.requires_grad_(False)
+        ref = next(self.parameters(), None)
+        if ref is not None:
+            module.to(ref.device)
+        self._frozen[name] = module
+        return module
+
+    @property
+    def teacher(self) -> nn.Module:
+        if "teacher" not in self._frozen:
+            raise RuntimeError(f"stage {self.name!r} has no teacher")
+        return self._frozen["teacher"]
+
+    def _apply(self, fn, recurse: bool = True):  # .to(device), .half(), ...: the teachers follow
+        super()._apply(fn, recurse)
+        for module in self._frozen.values():
+            module._apply(fn)
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in self._frozen.values():
+            module.eval()
+        return self
 
     # ----- schedule over samples seen -----
-    def _build_phase_schedule(self, world_size: int = 1) -> PhaseSchedule:
-        train = self.cfg.train
+    def build_schedule(self, world_size: int = 1) -> PhaseSchedule:
+        """The phases (resolution, global batch) over samples seen, checked against the model and the data."""
+        train, data = self.cfg.train, self.cfg.data
         phases = [Phase(p.until_samples, p.resolution, p.batch_size) for p in train.phases]
         if not phases:
-            phases = [Phase(train.total_samples, self.cfg.data.image_size, train.batch_size)]
-        return PhaseSchedule(phases, train.total_samples, patch_size=self.model.visual.patch_size,
-                             chunk_size=self.cfg.data.chunk_size, world_size=world_size)
+            phases = [Phase(train.total_samples, data.image_size, train.batch_size)]
+        try:
+            schedule = PhaseSchedule(phases, train.total_samples, patch_size=self.patch_size,
+                                     chunk_size=data.chunk_size, world_size=world_size)
+        except ValueError as err:
+            raise RecipeError(f"train.phases: {err}") from None
+        too_large = [p.resolution for p in schedule if p.resolution > data.image_size]
+        if too_large:
+            raise RecipeError(f"train.phases resolution {too_large[0]} exceeds data.image_size {data.image_size}: "
+                              "the loader emits data.image_size; raise it")
+        return schedule
+
+    @property
+    def patch_size(self) -> int:
+        visual = getattr(self.model, "visual", self.model)
+        return int(visual.patch_size)
+
+    def _build_lr_schedule(self) -> WarmupCosine:
+        o = self.cfg.optim
+        try:
+            return WarmupCosine(o.lr, o.warmup_samples, self.cfg.train.total_samples, o.min_lr_ratio)
+        except ValueError as err:
+            raise RecipeError(f"optim: {err}") from None
 
     def setup(self, stage: str) -> None:
         """The number of processes is known now: every phase's global batch must split into whole data chunks
@@ -62,19 +213,14 @@ class PEStage(L.LightningModule):
         world = self.trainer.world_size
         if world > 1:
             try:
-                self.schedule = self._build_phase_schedule(world)
-            except ValueError as err:
+                self.schedule = self.build_schedule(world)
+            except RecipeError as err:
                 raise RecipeError(
-                    f"train.phases over {world} processes: {err}. Batch sizes are global (summed over ranks): "
-                    f"make each a multiple of {world} x data.chunk_size, or lower data.chunk_size") from None
+                    f"{err} (over {world} processes). Batch sizes are global (summed over ranks): make each a "
+                    f"multiple of {world} x data.chunk_size, or lower data.chunk_size") from None
 
     def phase(self) -> Phase:
         return self.schedule.at(self.samples_seen)[1]
-
-    def local_batch_size(self, samples_consumed_local: int) -> int:
-        """Batch size per rank for the batch that starts at this rank's stream position."""
-        world = self.trainer.world_size if self._trainer is not None else 1
-        return self.schedule.at(samples_consumed_local * world)[1].local_batch_size(world)
 
     @property
     def finished(self) -> bool:
@@ -84,9 +230,25 @@ class PEStage(L.LightningModule):
     def configure_optimizers(self):
         o = self.cfg.optim
         self._check_optimizer_fits_strategy()
-        groups = param_groups(self.trainable_module(), o.weight_decay)
+        groups = param_groups(self.trainable_module(), o.weight_decay, extra_no_decay=self.no_weight_decay())
         return build_optimizer(groups, o.name, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps,
                                grad_clip=o.grad_clip, compile=o.compile)
+
+    def no_weight_decay(self) -> tuple[str, ...]:
+        """Extra parameter names (dotted suffixes) without weight decay, from the models' own
+        `no_weight_decay()` facts (timm's convention), on top of the shared rules in optim.py."""
+        names: list[str] = []
+        for prefix, module in self.trainable_module().named_modules():
+            facts = getattr(module, "no_weight_decay", None)
+            if callable(facts) and module is not self:
+                names += [f"{prefix}.{n}" if prefix else n for n in facts()]
+        return tuple(names)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Global-norm clipping at `optim.grad_clip`. LAMB clips inside its own step (one fused pass)."""
+        o = self.cfg.optim
+        if o.name != "lamb" and o.grad_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=float(o.grad_clip), gradient_clip_algorithm="norm")
 
     def _check_optimizer_fits_strategy(self) -> None:
         """LAMB's trust ratio and its clipping need the norm of each whole weight and of the whole gradient;
@@ -101,7 +263,7 @@ class PEStage(L.LightningModule):
                 "rank. Use trainer.strategy=ddp (PE-Core-G, 2.4B parameters with its text tower, needs ~36 GiB per "
                 "GPU for fp32 weights, gradients and LAMB state), or optim.name=adamw with FSDP")
 
-    def trainable_module(self) -> torch.nn.Module:
+    def trainable_module(self) -> nn.Module:
         return self.model
 
     # ----- per-step bookkeeping -----
@@ -116,15 +278,11 @@ class PEStage(L.LightningModule):
             set_lr(optimizer, lr)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss = self.step(batch, self.current_phase)
+        loss = self.loss(batch, self.current_phase)
         # Counted here, not in on_train_batch_end: Lightning runs the callbacks' on_train_batch_end (the
         # checkpoint among them) before the module's, and a checkpoint must hold the count of this batch.
         self.samples_seen += self.batch_samples(batch) * self.trainer.world_size
         return loss
-
-    def step(self, batch: Any, phase: Phase) -> torch.Tensor:
-        """One stage's loss on one batch (subclasses)."""
-        raise NotImplementedError
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         grad_norm = getattr(self.trainer.optimizers[0], "last_grad_norm", None) if self.trainer.optimizers else None
@@ -140,8 +298,9 @@ class PEStage(L.LightningModule):
         for name, value in values.items():
             self.log(name, torch.tensor(float(value), dtype=torch.float64), prog_bar=name == "train/batch_size")
 
-    def batch_samples(self, batch: dict) -> int:
-        return next(iter(batch.values())).shape[0]
+    def log_progress(self, phase: Phase) -> None:
+        self.log_scalars({"train/lr": self.lr_schedule(self.samples_seen), "train/resolution": phase.resolution,
+                          "train/batch_size": phase.batch_size, "train/samples_seen": self.samples_seen})
 
     # ----- checkpoint state beyond Lightning's -----
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -153,8 +312,3 @@ class PEStage(L.LightningModule):
         self.samples_seen = int(state.get("samples_seen", 0))
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.metrics = dict(state.get("metrics", {}))
-
-    # ----- export -----
-    def export(self, out_dir: Path) -> None:
-        """Write this stage's weights in Meta's layout into `out_dir` (the manager makes it atomic)."""
-        export_checkpoint(self.model, out_dir / "model.pt")

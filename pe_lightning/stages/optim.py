@@ -26,7 +26,6 @@ __all__ = [
     "OPTIMIZERS",
     "WarmupCosine",
     "set_lr",
-    "trainer_clip_value",
 ]
 
 # Parameter names (last dotted component, or a full suffix) that never get weight decay, whatever their
@@ -147,14 +146,6 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
 
 
-def trainer_clip_value(name: str, grad_clip: Optional[float]) -> Optional[float]:
-    """The Trainer's `gradient_clip_val`: LAMB clips inside its own step (one fused pass instead of
-    Lightning's two), so the Trainer clips only for the other optimizers."""
-    if name.lower().strip() == "lamb" or not grad_clip:
-        return None
-    return float(grad_clip)
-
-
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every param group's lr to `lr * group['lr_scale']` (lr_scale defaults to 1)."""
     for group in optimizer.param_groups:
@@ -205,9 +196,3 @@ class WarmupCosine:
         return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     __call__ = lr_at
-
-    def apply(self, optimizer: torch.optim.Optimizer, samples_seen: float) -> float:
-        """Set the lr of every param group for `samples_seen` (times each group's lr_scale); returns it."""
-        lr = self.lr_at(samples_seen)
-        set_lr(optimizer, lr)
-        return lr

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Iterable, Iterator, Optional
 
 __all__ = ["Phase", "PhaseSchedule"]
 
@@ -55,34 +55,11 @@ class Phase:
         return self.batch_size // world_size
 
 
-PhaseLike = Union[Phase, Mapping[str, Any], Sequence[Any]]
-
-
-def _as_phase(item: PhaseLike, total_samples: int) -> Phase:
-    if isinstance(item, Phase):
-        return item
-    if isinstance(item, Mapping):
-        d = dict(item)
-        if "until_fraction" in d:
-            if "until_samples" in d:
-                raise ValueError(f"phase {item}: give until_samples or until_fraction, not both")
-            frac = d.pop("until_fraction")
-            d["until_samples"] = None if frac is None else int(round(float(frac) * total_samples))
-        unknown = set(d) - {"until_samples", "resolution", "batch_size"}
-        if unknown:
-            raise ValueError(f"phase {item}: unknown keys {sorted(unknown)}; valid: until_samples | "
-                             "until_fraction, resolution, batch_size")
-        return Phase(until_samples=d.get("until_samples"), resolution=d["resolution"],
-                     batch_size=d["batch_size"])
-    return Phase(*item)
-
-
 class PhaseSchedule:
     """An ordered list of `Phase`s covering [0, total_samples), validated at construction.
 
     Args:
-        phases: `Phase`s, or mappings {until_samples | until_fraction, resolution, batch_size}
-            (until_fraction is a fraction of total_samples, handy in recipes), or (until, res, batch) tuples.
+        phases: `Phase`s (a recipe's `train.phases` entries, built by the stage).
         total_samples: samples seen at the end of the stage.
         patch_size: if given, every resolution must be a multiple of it.
         chunk_size: if given, every batch size must be a multiple of chunk_size * world_size (the loader
@@ -96,7 +73,7 @@ class PhaseSchedule:
 
     def __init__(
         self,
-        phases: Iterable[PhaseLike],
+        phases: Iterable[Phase],
         total_samples: int,
         patch_size: Optional[int] = None,
         chunk_size: Optional[int] = None,
@@ -105,7 +82,10 @@ class PhaseSchedule:
         total_samples = int(total_samples)
         if total_samples <= 0:
             raise ValueError(f"PhaseSchedule: total_samples must be > 0, got {total_samples}")
-        items = [_as_phase(p, total_samples) for p in phases]
+        items = list(phases)
+        bad = [p for p in items if not isinstance(p, Phase)]
+        if bad:
+            raise TypeError(f"PhaseSchedule takes Phase objects, got {bad[0]!r}")
         if not items:
             raise ValueError("PhaseSchedule: at least one phase is required")
         if world_size < 1:

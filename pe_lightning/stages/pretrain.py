@@ -1,21 +1,37 @@
-"""Stage 1: PE's robust CLIP pretraining (PE_REFERENCE.md s.6)."""
+"""Stage 1: PE's robust CLIP pretraining (PE_REFERENCE.md s.6).
+
+loss = CLIP(image, text) + mask_reg.weight * MaskFeat(masked copies -> unmasked tokens), on progressive
+resolution phases; LAMB, RoPE, attention pooling and the augmentations are recipe keys (recipes/pretrain.yaml).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Optional
+
 import torch
-import torch.nn.functional as F
 
+from pe_lightning.data.transforms import resize_to
+from pe_lightning.exports import Export
 from pe_lightning.stages.base import PEStage
-from pe_lightning.stages.phases import Phase
 from pe_lightning.stages.losses import clamp_logit_scale, clip_loss, mask_feature_loss
+from pe_lightning.stages.phases import Phase
 
 
-def resize_to(images: torch.Tensor, resolution: int) -> torch.Tensor:
-    """Progressive resolution happens on the device, so the data stream never restarts for it."""
-    if images.shape[-1] == resolution and images.shape[-2] == resolution:
-        return images
-    return F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False,
-                         antialias=True)
+@dataclass
+class MaskRegArgs:
+    """MaskFeat-style mask regularization (PE_REFERENCE.md s.6)."""
+
+    enabled: bool = True
+    batch_fraction: float = 0.0625  # 1/16 of the batch gets a masked copy
+    mask_ratio: float = 0.75  # of its patches replaced by the mask token
+    weight: float = 1.0  # not published: our choice
+
+
+@dataclass
+class PretrainArgs:
+    mask_reg: MaskRegArgs = field(default_factory=MaskRegArgs)
+    max_logit_scale: float = 100.0  # CLIP's clamp of the temperature
 
 
 def random_patch_mask(batch: int, num_patches: int, ratio: float, device: torch.device) -> torch.Tensor:
@@ -31,14 +47,19 @@ def random_patch_mask(batch: int, num_patches: int, ratio: float, device: torch.
 class PretrainStage(PEStage):
     """CLIP softmax contrastive loss + MaskFeat-style mask regularization, on progressive phases."""
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        if cfg.mask_reg.enabled and getattr(self.model.visual, "mask_token", None) is None:
-            self.model.visual.add_mask_token()  # learned; left out of Meta-layout exports
+    name = "pretrain"
+    Args = PretrainArgs
+    headline_metrics = ("zeroshot_top1", "zeroshot_heldout_top1", "retrieval_i2t_r1", "retrieval_t2i_r1")
 
-    def step(self, batch: dict, phase: Phase) -> torch.Tensor:
+    def build_model(self, init: Optional[Export]):
+        model = super().build_model(init)
+        if self.args.mask_reg.enabled and getattr(model.visual, "mask_token", None) is None:
+            model.visual.add_mask_token()  # learned; left out of Meta-layout exports
+        return model
+
+    def loss(self, batch: dict, phase: Phase) -> torch.Tensor:
         images = resize_to(batch["image"], phase.resolution)
-        clamp_logit_scale(self.model.logit_scale, self.cfg.train.max_logit_scale)
+        clamp_logit_scale(self.model.logit_scale, self.args.max_logit_scale)
         tokens, masked_tokens = self.encode_tokens(images)
         image_features = self.model.visual.forward_head(tokens)
         text_features = self.model.encode_text(batch["text"])
@@ -47,21 +68,20 @@ class PretrainStage(PEStage):
         if masked_tokens is not None:
             # MaskFeat-style: the masked copies' token outputs are pulled to the unmasked ones (detached).
             loss_mask = mask_feature_loss(masked_tokens, tokens[: masked_tokens.shape[0]].detach())
-            loss = loss + self.cfg.mask_reg.weight * loss_mask
+            loss = loss + self.args.mask_reg.weight * loss_mask
             self.log("train/loss_mask", loss_mask)
 
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/loss_clip", loss_clip)
         self.log("train/temperature", 1.0 / self.model.logit_scale.detach().exp())
-        self.log_scalars({"train/lr": self.lr_schedule(self.samples_seen), "train/resolution": phase.resolution,
-                          "train/batch_size": phase.batch_size, "train/samples_seen": self.samples_seen})
+        self.log_progress(phase)
         return loss
 
     def encode_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token outputs of the batch and, with mask regularization, of masked copies of its first
         `batch_fraction` images. Both go through one vision forward ([B + B/16] rows; the unmasked rows
         get an all-False mask): one larger pass keeps the GPU busier than two, and shapes stay fixed."""
-        cfg = self.cfg.mask_reg
+        cfg = self.args.mask_reg
         if not cfg.enabled:
             return self.model.visual.forward_features(images), None
         batch = images.shape[0]

@@ -13,6 +13,9 @@ ROOT/zeroshot/{test,outline,texture,noise}/  CLIP_benchmark classification layou
                                        test/nshards.txt, test/{0..}.tar (KEY.png KEY.cls KEY.txt KEY.json KEY.mask.png)
 ROOT/video/{train,test}/{00000..}.tar + sizes.json   video2dataset style: KEY.mp4 KEY.txt KEY.json
 ROOT/instruct/{00000..}.tar + sizes.json             KEY.png KEY.json (list of {question, answer}) KEY.txt
+ROOT/instruct_test/{00000..}.tar + sizes.json        the same for held-out scenes (the language stage's eval)
+ROOT/zeroshot/test/train/                            a labelled train split of the solid set (probe training;
+                                       CLIP_benchmark's train/test layout), `probe_per_class` images per class
 ```
 Every sample is a pure function of (seed, split, index), so shards are byte-identical for a seed whatever
 the number of processes. Images are PNG: lossless, so colours are exact (a colour word is never blurred
@@ -48,16 +51,17 @@ from pe_lightning.data.transforms import derive_seed
 
 log = logging.getLogger(__name__)
 
-VERSION = 2  # 2: 70% single-object train scenes (was 50%)
+VERSION = 3  # 2: 70% single-object train scenes (was 50%); 3: + instruct_test, zeroshot/test/train splits
 MARKER = ".complete"
 SPLIT_TAGS = {"train": 1, "retrieval": 2, "zs/test": 3, "zs/outline": 4, "zs/texture": 5, "zs/noise": 6,
-              "video/train": 7, "video/test": 8, "instruct": 9}
+              "video/train": 7, "video/test": 8, "instruct": 9, "instruct_test": 10, "zs/train": 11}
 ZS_STYLES = {"test": "solid", "outline": "outline", "texture": "texture", "noise": "noise"}
 
 
 def default_counts(train: int) -> dict[str, int]:
     return {"train": train, "retrieval": 1000, "zeroshot_per_class": 10, "video_train": max(64, train // 10),
-            "video_test": max(32, train // 100), "instruct": max(64, train // 4)}
+            "video_test": max(32, train // 100), "instruct": max(64, train // 4),
+            "instruct_test": max(32, train // 40), "probe_per_class": 20}
 
 
 def _rng(seed: int, split: str, i: int) -> np.random.Generator:
@@ -86,7 +90,7 @@ def make_sample(split: str, i: int, seed: int, px: int, per_class: int = 10) -> 
     if split.startswith("zs/"):
         label = i // per_class
         colour, shape = ALL_PAIRS[label]
-        scene = single_scene(rng, px, colour, shape, style=ZS_STYLES[split[3:]])
+        scene = single_scene(rng, px, colour, shape, style=ZS_STYLES.get(split[3:], "solid"))
         caption = a(f"{colour} {shape}") + "."
         extra = {"cls": str(label).encode()}
     else:
@@ -96,7 +100,7 @@ def make_sample(split: str, i: int, seed: int, px: int, per_class: int = 10) -> 
     img, mask = render_scene(scene, rng)
     meta = {"key": key, "caption": caption, "status": "success", "width": px, "height": px, **scene.to_json()}
     out = {"png": _png(img), "txt": caption.encode(), "json": _json(meta), MASK_EXT: encode_mask(mask), **extra}
-    if split == "instruct":
+    if split in ("instruct", "instruct_test"):
         out = {"png": out["png"], "txt": out["txt"], "json": _json(scene_qa(scene, rng)),
                "objects.json": out["json"]}
     return key, out
@@ -131,7 +135,8 @@ def _per_shard(n: int, shard_size: int) -> int:
 def generate_shapes_world(out: str | Path, train: int = 20000, seed: int = 0, size: int = 64,
                           retrieval: Optional[int] = None, zeroshot_per_class: Optional[int] = None,
                           video_train: Optional[int] = None, video_test: Optional[int] = None,
-                          instruct: Optional[int] = None, shard_size: int = 1000, workers: Optional[int] = None,
+                          instruct: Optional[int] = None, instruct_test: Optional[int] = None,
+                          probe_per_class: Optional[int] = None, shard_size: int = 1000, workers: Optional[int] = None,
                           marker: bool = True) -> dict:
     """Generate every split into `out` (created; should be empty). Returns the manifest."""
     t0 = time.monotonic()
@@ -140,7 +145,8 @@ def generate_shapes_world(out: str | Path, train: int = 20000, seed: int = 0, si
         raise ValueError(f"shapes world image size must be >= 16, got {size}")
     counts = default_counts(train)
     for k, v in (("retrieval", retrieval), ("zeroshot_per_class", zeroshot_per_class), ("video_train", video_train),
-                 ("video_test", video_test), ("instruct", instruct)):
+                 ("video_test", video_test), ("instruct", instruct), ("instruct_test", instruct_test),
+                 ("probe_per_class", probe_per_class)):
         if v is not None:
             counts[k] = int(v)
     per_class = counts["zeroshot_per_class"]
@@ -153,6 +159,8 @@ def generate_shapes_world(out: str | Path, train: int = 20000, seed: int = 0, si
         "video/train": (out / "video" / "train", counts["video_train"], "img2dataset"),
         "video/test": (out / "video" / "test", counts["video_test"], "img2dataset"),
         "instruct": (out / "instruct", counts["instruct"], "img2dataset"),
+        "instruct_test": (out / "instruct_test", counts["instruct_test"], "img2dataset"),
+        "zs/train": (out / "zeroshot" / "test" / "train", counts["probe_per_class"] * len(CLASSES), "clip_benchmark"),
     }
     tasks, split_shards = [], {}
     for split, (folder, n, naming) in plan.items():
@@ -165,7 +173,8 @@ def generate_shapes_world(out: str | Path, train: int = 20000, seed: int = 0, si
         for k, start in enumerate(range(0, n, per)):
             name = f"{k:05d}.tar" if naming == "img2dataset" else f"{k}.tar"
             names.append((name, min(per, n - start)))
-            tasks.append((str(folder / name), split, start, min(n, start + per), seed, size, per_class))
+            split_per_class = counts["probe_per_class"] if split == "zs/train" else per_class
+            tasks.append((str(folder / name), split, start, min(n, start + per), seed, size, split_per_class))
         split_shards[split] = names
     # video shards are the slowest: start them first
     tasks.sort(key=lambda t: (not t[1].startswith("video"), t[1], t[2]))
@@ -218,7 +227,8 @@ def generate_shapes_world(out: str | Path, train: int = 20000, seed: int = 0, si
     if marker:
         (out / MARKER).write_text(json.dumps(_params(train, seed, size, counts), sort_keys=True))
     dt = time.monotonic() - t0
-    n_img = counts["train"] + counts["retrieval"] + 4 * n_zs + counts["instruct"]
+    n_img = (counts["train"] + counts["retrieval"] + 4 * n_zs + counts["instruct"] + counts["instruct_test"]
+             + counts["probe_per_class"] * len(CLASSES))
     log.info("shapes world: %d images + %d clips in %.1fs (%d processes) -> %s", n_img,
              counts["video_train"] + counts["video_test"], dt, n_proc, out)
     manifest["_timing"] = {"seconds": dt, "images": n_img, "clips": counts["video_train"] + counts["video_test"],
@@ -274,7 +284,8 @@ def ensure_shapes_world(root: str | Path, train: int = 20000, seed: int = 0, siz
         try:
             generate_shapes_world(tmp, train=train, seed=seed, size=size, **{
                 k: v for k, v in counts.items() if k in ("retrieval", "zeroshot_per_class", "video_train",
-                                                         "video_test", "instruct", "shard_size", "workers")})
+                                                         "video_test", "instruct", "instruct_test",
+                                                         "probe_per_class", "shard_size", "workers")})
             if root.exists():  # an incomplete earlier attempt
                 stale = root.parent / f".{root.name}.stale-{os.getpid()}"
                 os.rename(root, stale)
