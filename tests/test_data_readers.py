@@ -62,13 +62,13 @@ def test_video_reader_yields_clips(world):
 
 
 def test_short_clip_repeats_frames():
-    assert uniform_indices(3, 8) == [0, 0, 0, 1, 1, 2, 2, 2]
-    assert uniform_indices(16, 8) == [1, 3, 5, 7, 9, 11, 13, 15]
+    assert uniform_indices(3, 8) == [0, 0, 0, 0, 1, 1, 1, 2]  # Meta: int(i*(T-1)/(N-1)), ends included
+    assert uniform_indices(16, 8) == [0, 2, 4, 6, 8, 10, 12, 15]
     frames = [np.full((32, 32, 3), v, np.uint8) for v in (10, 120, 240)]
     got = decode_video_frames(encode_mp4(frames), 8)
     assert len(got) == 8
     means = [int(round(np.asarray(f).mean())) for f in got]
-    assert means[:3] == [means[0]] * 3 and means[-3:] == [means[-1]] * 3
+    assert means[:4] == [means[0]] * 4 and means[4:7] == [means[4]] * 3
     assert abs(means[0] - 10) < 8 and abs(means[-1] - 240) < 8
 
 

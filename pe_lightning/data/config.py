@@ -44,6 +44,9 @@ class DataConfig:
     instruct: list[SourceConfig] = field(default_factory=list)  # empty -> the shapes world's instruct split
     image_size: int = 64  # size the loader emits; the stage resizes on device per phase
     num_frames: int = 8  # frames sampled uniformly per clip
+    frame_sampling: str = "uniform"  # train-time frames: "uniform" (Meta's eval rule, first and last frame) or
+    #                                  "segment" (one random frame per equal segment, as ViCLIP); eval is always
+    #                                  uniform (our choice: not published)
     workers: int = 2
     chunk_size: int = 16  # samples per worker chunk; batch sizes must be multiples of it
     streams: int = 0  # independent reader streams per rank (0 = max(1, workers)); the sample order depends on
