@@ -4,6 +4,10 @@
   pe-lightning pipeline [run=NAME] [key=value ...]
   pe-lightning status [run=NAME] [runs_dir=runs]
   pe-lightning data shapes --out DIR [--train N] [--seed S] [--size PX]
+  pe-lightning probe run=NAME [stage=S | weights=PATH model=PRESET] [layers=1,2,4]
+  pe-lightning probe compare OUT.png EXPORT_OR_PROBE_JSON ...
+  pe-lightning teacher oracle|sam2 --data SHARDS --out DIR [--grid 32] [--tokens 8] [--dim 128] [...]
+  pe-lightning teacher clip --data SHARDS --out DIR --weights TEACHER.pt [--model PRESET] [...]
 """
 
 from __future__ import annotations
@@ -28,13 +32,13 @@ def _split(args: list[str], *names: str) -> tuple[dict[str, str], list[str]]:
 
 
 def _train(args: list[str]) -> None:
-    from pe_lightning.config import load_recipe
     from pe_lightning.pipeline import run_stage
+    from pe_lightning.stages import load_stage_recipe
 
     picked, overrides = _split(args, "stage", "recipe")
     if "stage" not in picked:
         raise SystemExit("usage: pe-lightning train stage=NAME [recipe=FILE] [key=value ...]")
-    cfg = load_recipe(picked["stage"], overrides, recipe=picked.get("recipe"))
+    cfg = load_stage_recipe(picked["stage"], overrides, recipe=picked.get("recipe"))
     run_stage(cfg)
 
 
@@ -60,6 +64,22 @@ def _data(args: list[str]) -> None:
     raise SystemExit(shapes_main(args[1:]))
 
 
+def _probe(args: list[str]) -> None:
+    from pe_lightning.eval.probe_run import main as probe_main
+
+    raise SystemExit(probe_main(args))
+
+
+def _teacher(args: list[str]) -> None:
+    if args and args[0] == "clip":
+        from pe_lightning.teachers.clip_cli import main as clip_main
+
+        raise SystemExit(clip_main(args[1:]))
+    from pe_lightning.teachers.cli import main as teacher_main
+
+    raise SystemExit(teacher_main(args))
+
+
 def _configure_logging() -> None:
     """Our messages prefixed on stderr; Lightning keeps its own handler (no duplicated lines)."""
     handler = logging.StreamHandler()
@@ -70,7 +90,8 @@ def _configure_logging() -> None:
     ours.propagate = False
 
 
-COMMANDS = {"train": _train, "pipeline": _pipeline, "status": _status, "data": _data}
+COMMANDS = {"train": _train, "pipeline": _pipeline, "status": _status, "data": _data, "probe": _probe,
+            "teacher": _teacher}
 
 
 def main(argv: list[str] | None = None) -> None:
