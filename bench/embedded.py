@@ -28,7 +28,7 @@ HEADLINE = ("zeroshot_top1", "zeroshot_heldout_top1", "zeroshot_top5", "retrieva
 def default_recipe_keys() -> dict:
     """The result-determining keys of `make stage=pretrain` (the default recipe, no overrides)."""
     from pe_lightning.config import result_keys
-from pe_lightning.stages import load_stage_recipe
+    from pe_lightning.stages import load_stage_recipe
 
     return result_keys(load_stage_recipe("pretrain", []))
 

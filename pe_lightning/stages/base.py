@@ -215,9 +215,10 @@ class PEStage(L.LightningModule):
             try:
                 self.schedule = self.build_schedule(world)
             except RecipeError as err:
+                detail = str(err).removeprefix("train.phases: ")
                 raise RecipeError(
-                    f"{err} (over {world} processes). Batch sizes are global (summed over ranks): make each a "
-                    f"multiple of {world} x data.chunk_size, or lower data.chunk_size") from None
+                    f"train.phases over {world} processes: {detail}. Batch sizes are global (summed over ranks): "
+                    f"make each a multiple of {world} x data.chunk_size, or lower data.chunk_size") from None
 
     def phase(self) -> Phase:
         return self.schedule.at(self.samples_seen)[1]
