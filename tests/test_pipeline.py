@@ -14,6 +14,15 @@ from pe_lightning.stages.pretrain import PretrainStage
 
 
 @pytest.fixture
+def only_pretrain(monkeypatch):
+    """A registry with pretrain alone: the later stages of recipes/pipeline.yaml are then unavailable."""
+    monkeypatch.setattr(stages, "STAGES", {"pretrain": PretrainStage})
+    import pe_lightning.pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "STAGES", stages.STAGES)
+
+
+@pytest.fixture
 def video_registered(monkeypatch):
     """A stand-in `video` stage (pretrain's class, role `init`), so parent lookup can be tested here."""
     monkeypatch.setitem(stages.STAGES, "video", PretrainStage)
@@ -83,7 +92,7 @@ def test_done_stage_is_skipped(tmp_path):
     assert run_stage(recipe(tmp_path)) == sdir.export  # returns at once: nothing is trained
 
 
-def test_unbuilt_stage_is_rejected_not_skipped(tmp_path):
+def test_unbuilt_stage_is_rejected_not_skipped(tmp_path, only_pretrain):
     finish(tmp_path, "pretrain")
     with pytest.raises(PipelineError, match=r"not available.*available: \['pretrain'"):
         run_pipeline("r", [f"runs_dir={tmp_path}"])
@@ -115,7 +124,7 @@ def test_resume_refuses_a_changed_recipe_and_lists_the_keys(tmp_path):
     assert resume_checkpoint(changed, sdir) == sdir.checkpoint
 
 
-def test_status_reports_each_state(tmp_path):
+def test_status_reports_each_state(tmp_path, only_pretrain):
     assert "not started" in status(str(tmp_path), "r").splitlines()[1]
     sdir = StageDir(tmp_path / "r" / "pretrain")
     sdir.root.mkdir(parents=True)
@@ -126,3 +135,20 @@ def test_status_reports_each_state(tmp_path):
     lines = status(str(tmp_path), "r").splitlines()
     assert "done" in lines[1] and "zeroshot_top1=0.75" in lines[1]
     assert "not available yet" in lines[2]
+
+
+def test_corrupt_init_file_is_one_line_and_leaves_no_run_folder(tmp_path):
+    """A truncated weights file: a short error naming it, read before anything is written."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "PE-Core-T16-384.pt"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    result = subprocess.run([sys.executable, "-m", "pe_lightning.cli", "train", "stage=pretrain",
+                             f"runs_dir={tmp_path / 'runs'}", "run=r", f"init={bad}"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: cannot read checkpoint {bad}: not a PyTorch checkpoint (truncated or corrupt?)"]
+    assert "pickle" not in result.stderr.lower()
+    assert not (tmp_path / "runs").exists()
