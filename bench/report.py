@@ -168,6 +168,16 @@ def markdown(report: dict) -> str:
     if sections.get("profile"):
         lines += profile_lines(sections["profile"])
 
+    if sections.get("video"):
+        from bench.video_step import video_lines
+
+        lines += video_lines(sections["video"])
+
+    if sections.get("distill"):
+        from bench.distill_step import distill_lines
+
+        lines += distill_lines(sections["distill"])
+
     data = sections.get("data")
     if data:
         lines += ["## Data pipeline (decode + augment + tokenize, no model)", ""]

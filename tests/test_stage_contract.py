@@ -31,6 +31,8 @@ from pe_lightning.stages.pretrain import PretrainStage
 # Per stage: overrides (beyond tiny_run's) that make a whole run take seconds.
 SMOKE: dict[str, list[str]] = {
     "pretrain": [],
+    "distill": ["distill.scratch_baseline=true"],  # teacher: the video export (the pipeline runs it first)
+    "video": ["train.phases=[]", "data.chunk_size=8", "video.clip_batch_size=8", "video.image_batch_size=8"],
 }
 
 STOP_AFTER = '''

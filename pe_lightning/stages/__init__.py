@@ -11,10 +11,14 @@ from typing import Optional
 
 from pe_lightning.config import RECIPES_DIR, RecipeError, load_recipe
 from pe_lightning.stages.base import PEStage
+from pe_lightning.stages.distill import DistillStage
 from pe_lightning.stages.pretrain import PretrainStage
+from pe_lightning.stages.video import VideoStage
 
 STAGES: dict[str, type[PEStage]] = {
     "pretrain": PretrainStage,
+    "distill": DistillStage,
+    "video": VideoStage,
 }
 
 
