@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from pe_lightning.config import RecipeError
+from pe_lightning.data.transforms import derive_seed
 from pe_lightning.exports import MODEL_JSON, Export
 from pe_lightning.models.checkpoint import CheckpointError
 from pe_lightning.stages.base import PEStage
@@ -55,6 +56,8 @@ from pe_lightning.stages.distill_losses import ClipDistillLoss
 from pe_lightning.stages.losses import clamp_logit_scale, clip_loss
 from pe_lightning.stages.optim import build_optimizer, param_groups, set_lr
 from pe_lightning.stages.phases import Phase
+
+_PROJECTION_SEED_TAG = 0xD157  # the feature projection's seed, independent of the teacher's construction
 
 
 @dataclass
@@ -107,10 +110,14 @@ class DistillStage(PEStage):
         self.distill_loss: Optional[ClipDistillLoss] = None
         if "teacher" in self._frozen:
             self.teacher_resolution = self._check_teacher_resolution()
-            self.distill_loss = ClipDistillLoss(
-                self.student_dim, self.teacher_dim, teacher_scale=self.args.teacher_scale,
-                distill_weight=self.args.distill_weight, contrastive_weight=self.args.contrastive_weight,
-                feature_weight=self.args.feature_weight, feature_projection=self.args.feature_projection)
+            # the feature projection's initial weights from the recipe's seed alone: building an online teacher
+            # draws random numbers a cached one does not, and both ways must start from the same weights
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derive_seed(int(cfg.seed), _PROJECTION_SEED_TAG))
+                self.distill_loss = ClipDistillLoss(
+                    self.student_dim, self.teacher_dim, teacher_scale=self.args.teacher_scale,
+                    distill_weight=self.args.distill_weight, contrastive_weight=self.args.contrastive_weight,
+                    feature_weight=self.args.feature_weight, feature_projection=self.args.feature_projection)
             if self.args.teacher_scale is None and not torch.isfinite(self.teacher.logit_scale).all():
                 raise RecipeError(f"distill.cache={self.args.cache} records no teacher logit scale: set a fixed "
                                   "distill.teacher_scale (e.g. 100)")
