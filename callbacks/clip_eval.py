@@ -35,6 +35,9 @@ def is_clip_model(model) -> bool:
 
 
 class ClipEval(L.Callback):
+    label = "eval"  # the log line's name
+    logged_suffix = "_top1"  # besides the stage's headline keys, the log line shows the keys ending so
+
     def __init__(self, cfg, every_n_steps: int = 0, limit: int | None = None, parent: bool = True):
         self.cfg = cfg
         self.every_n_steps = every_n_steps  # 0: only at the end of the stage
@@ -71,7 +74,7 @@ class ClipEval(L.Callback):
             metrics = self._evaluate_model(model, pl_module)
             if trainer.logger is not None:
                 trainer.logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
-            self._log_line("eval", pl_module, metrics)
+            self._log_line(self.label, pl_module, metrics)
         trainer.strategy.barrier()
         return metrics
 
@@ -84,9 +87,8 @@ class ClipEval(L.Callback):
         finally:
             model.train(was_training)
 
-    @staticmethod
-    def _log_line(what: str, pl_module: L.LightningModule, metrics: dict[str, float]) -> None:
-        shown = {k: v for k, v in metrics.items() if k in pl_module.headline_metrics or k.endswith("_top1")}
+    def _log_line(self, what: str, pl_module: L.LightningModule, metrics: dict[str, float]) -> None:
+        shown = {k: v for k, v in metrics.items() if k in pl_module.headline_metrics or k.endswith(self.logged_suffix)}
         log.info("%s at %d samples: %s", what, pl_module.samples_seen,
                  ", ".join(f"{k}={v:.3f}" for k, v in sorted(shown.items())))
 

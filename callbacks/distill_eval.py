@@ -15,6 +15,7 @@ and logs the table of the three models' headline figures. Works with any stage t
 
 from __future__ import annotations
 
+import inspect
 import logging
 from contextlib import contextmanager
 
@@ -25,11 +26,8 @@ from pe_lightning.callback_loader import resolve_class
 log = logging.getLogger("pe_lightning")
 
 ClipEval = resolve_class("clip_eval")
+is_clip_model = inspect.getmodule(ClipEval).is_clip_model  # the same test of "can be scored as CLIP"
 _TABLE_KEYS = ("zeroshot_top1", "zeroshot_heldout_top1", "zeroshot_top5", "retrieval_i2t_r1", "retrieval_t2i_r1")
-
-
-def is_clip_model(model) -> bool:
-    return (not getattr(model, "vision_only", True)) and model.visual.cfg.pool_type != "none"
 
 
 @contextmanager
