@@ -27,3 +27,24 @@ def tiny_run(world, runs_dir, *extra: str) -> list[str]:
     """Overrides for a tiny pretrain run on the tiny world, written under runs_dir."""
     return [f"data.root={world}", "data.generate=false", "data.image_size=32", "data.workers=1",
             f"runs_dir={runs_dir}", "run=t", *TINY_MODEL, *TINY_SCHEDULE, *extra]
+
+
+STOP_AFTER = '''
+import lightning as L
+class StopAfter(L.Callback):
+    """Stops the fit after `steps` steps, after saving last.ckpt (a kill between steps)."""
+    def __init__(self, steps=3):
+        self.steps = steps
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.steps:
+            trainer.save_checkpoint(trainer.default_root_dir + "/checkpoints/last.ckpt")
+            trainer.should_stop = True
+'''
+
+
+def stop_after(folder, steps: int = 3) -> str:
+    """A recipe callback entry (a user's callback file in `folder`) that stops a stage after `steps` steps with
+    its checkpoint saved: the run then resumes as after a kill."""
+    path = folder / "stop_after.py"
+    path.write_text(STOP_AFTER)
+    return f"{{name: '{path}:StopAfter', args: {{steps: {steps}}}}}"

@@ -21,7 +21,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import tiny_run
+from conftest import stop_after, tiny_run
 from pe_lightning.config import RecipeError
 from pe_lightning.data.transforms import resize_to
 from pe_lightning.exports import Export, ExportError, write_model_json
@@ -38,17 +38,6 @@ from pe_lightning.trainer import fit_stage
 TEACHER_VISION = dict(width=64, layers=1, heads=2, mlp_dim=128, output_dim=48, image_size=32)
 TEACHER_TEXT = dict(width=64, layers=1, heads=2, mlp_dim=128, output_dim=48, context_length=16)
 TEACHER_LOGIT_SCALE = math.log(30.0)
-
-STOP_AFTER = '''
-import lightning as L
-class StopAfter(L.Callback):
-    def __init__(self, steps=3):
-        self.steps = steps
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.steps:
-            trainer.save_checkpoint(trainer.default_root_dir + "/checkpoints/last.ckpt")
-            trainer.should_stop = True
-'''
 
 SAVE_SCRATCH = '''
 import lightning as L, torch
@@ -173,8 +162,6 @@ def test_teacher_frozen_absent_from_checkpoints_rebuilt_on_resume_and_resume_is_
     monkeypatch.setattr(DistillStage, "build_teacher", lambda self, parent: builds.append(1) or original(self, parent))
     saver = tmp_path / "save_scratch.py"
     saver.write_text(SAVE_SCRATCH)
-    stopper = tmp_path / "stop.py"
-    stopper.write_text(STOP_AFTER)
     extra = ["distill.scratch_baseline=true", "distill.feature_weight=1", "distill.feature_projection=true"]
 
     def cbs(runs, *more):
@@ -186,7 +173,7 @@ def test_teacher_frozen_absent_from_checkpoints_rebuilt_on_resume_and_resume_is_
     parts = tmp_path / "parts"
     with pytest.raises(PipelineError, match="run the same command again to resume"):
         run_stage(_recipe(tiny_world, parts, teacher_dir, *extra,
-                          cbs(parts, f"{{name: '{stopper}:StopAfter', args: {{steps: 3}}}}")), read_pipeline())
+                          cbs(parts, stop_after(tmp_path))), read_pipeline())
     ckpt = torch.load(StageDir(parts / "t" / "distill").checkpoint, weights_only=False, map_location="cpu")
     keys = list(ckpt["state_dict"])
     assert not any("teacher" in k for k in keys)

@@ -114,6 +114,18 @@ def test_init_and_resume_together_is_an_error(tmp_path):
         resume_checkpoint(cfg, sdir)
 
 
+def test_resume_accepts_the_init_it_started_with(tmp_path):
+    started = recipe(tmp_path)
+    started.init = str(tmp_path / "parent.pt")
+    sdir = _unfinished(tmp_path, started)
+    again = recipe(tmp_path)
+    again.init = started.init  # the same command line, run again after a kill
+    assert resume_checkpoint(again, sdir) == sdir.checkpoint
+    again.init = str(tmp_path / "other.pt")
+    with pytest.raises(PipelineError, match=r"started from .*parent\.pt"):
+        resume_checkpoint(again, sdir)
+
+
 def test_resume_refuses_a_changed_recipe_and_lists_the_keys(tmp_path):
     sdir = _unfinished(tmp_path, recipe(tmp_path))
     assert resume_checkpoint(recipe(tmp_path, "pretrain", "trainer.progress_bar=false"), sdir) == sdir.checkpoint

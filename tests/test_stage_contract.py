@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_run
+from conftest import stop_after, tiny_run
 from pe_lightning import stages
 from pe_lightning.config import RECIPES_DIR
 from pe_lightning.exports import Export
@@ -34,19 +34,6 @@ SMOKE: dict[str, list[str]] = {
     "distill": ["distill.scratch_baseline=true"],  # teacher: the video export (the pipeline runs it first)
     "video": ["train.phases=[]", "data.chunk_size=8", "video.clip_batch_size=8", "video.image_batch_size=8"],
 }
-
-STOP_AFTER = '''
-import lightning as L
-class StopAfter(L.Callback):
-    """Stops the fit after `steps` steps, after the checkpoint callback saved (a kill between steps)."""
-    def __init__(self, steps=3):
-        self.steps = steps
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.steps:
-            trainer.save_checkpoint(trainer.default_root_dir + "/checkpoints/last.ckpt")
-            trainer.should_stop = True
-'''
-
 
 def _recipe(stage: str, world: Path, runs: Path, *extra: str, recipe: str | None = None):
     return load_stage_recipe(stage, tiny_run(world, runs, "callbacks=[{name: checkpoint}]", *SMOKE.get(stage, []),
@@ -78,9 +65,7 @@ def test_registered_stage_trains_exports_stops_resumes_and_reloads(stage, tiny_w
     reference = _weights(_run_with_parents(stage, tiny_world, tmp_path / "reference"))
 
     runs = tmp_path / "stopped"
-    stopper = tmp_path / "stop.py"
-    stopper.write_text(STOP_AFTER)
-    callbacks = f"callbacks=[{{name: checkpoint}}, {{name: '{stopper}:StopAfter', args: {{steps: 3}}}}]"
+    callbacks = f"callbacks=[{{name: checkpoint}}, {stop_after(tmp_path)}]"
     with pytest.raises(PipelineError, match="run the same command again to resume"):
         _run_with_parents(stage, tiny_world, runs, callbacks)
     sdir = StageDir(runs / "t" / stage)
@@ -142,13 +127,10 @@ def test_frozen_teacher_is_rebuilt_on_resume_and_never_saved(tiny_world, tmp_pat
     run_stage(load_stage_recipe("pretrain", tiny_run(tiny_world, runs, "callbacks=[]")), pipeline)
     parent_weights = _weights(StageDir(runs / "t" / "pretrain").export)
 
-    stopper = tmp_path / "stop.py"
-    stopper.write_text(STOP_AFTER)
-
     def recipe(*extra):
         return load_stage_recipe("withteacher", tiny_run(tiny_world, runs, *extra), recipes_dir=recipes)
 
-    callbacks = f"callbacks=[{{name: checkpoint}}, {{name: '{stopper}:StopAfter', args: {{steps: 3}}}}]"
+    callbacks = f"callbacks=[{{name: checkpoint}}, {stop_after(tmp_path)}]"
     with pytest.raises(PipelineError, match="resume"):
         run_stage(recipe(callbacks), pipeline)
     assert TeacherStage.builds == 1

@@ -298,3 +298,55 @@ def test_ddp_through_the_cli_splits_both_batches_over_the_ranks(tiny_world, tmp_
     assert metrics["samples_seen"] == 64
     per_rank = [r["skipped"].get("video/bad_video", 0) for r in ranks]
     assert sum(per_rank) >= 1 and metrics["skipped_video_bad_video"] == sum(per_rank)
+
+
+# ----- WiSE-FT: the blend with the parent, once, at the end ----------------------------------------------
+STOP_AT_THE_LAST_STEP = '''
+import lightning as L
+class StopAt(L.Callback):
+    """A kill right after the final step's checkpoint, before the stage finishes (blends) and exports."""
+    def __init__(self, steps):
+        self.steps = steps
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.steps:
+            raise RuntimeError("killed")
+'''
+
+
+@pytest.mark.slow  # ~20 s: three short runs
+def test_parent_blend_is_the_lerp_to_the_parent_once_even_across_a_kill_after_the_last_step(tiny_world, tmp_path):
+    parent = _parent_export(_recipe(tiny_world, tmp_path), tmp_path / "parent")
+    stopper = tmp_path / "stop.py"
+    stopper.write_text(STOP_AT_THE_LAST_STEP)
+
+    def run(name, *extra):
+        cfg = load_stage_recipe("video", tiny_run(tiny_world, tmp_path / name, "callbacks=[{name: checkpoint}]",
+                                                  *SMALL, f"init={parent}", "train.total_samples=48",
+                                                  "optim.warmup_samples=16", "optim.compile=false", *extra))
+        return run_stage(cfg)
+
+    def weights(export):
+        return torch.load(export / "model.pt", weights_only=True)
+
+    plain = weights(run("plain", "video.parent_blend=0"))  # the tiny layer blends by default
+    blended = run("blended", "video.parent_blend=0.25")
+    original = weights(parent)
+    for key, value in weights(blended).items():
+        torch.testing.assert_close(value, torch.lerp(plain[key], original[key], 0.25), msg=key)
+    assert json.loads((blended / "metrics.json").read_text())["parent_blend"] == 0.25
+
+    kill = f"callbacks=[{{name: checkpoint}}, {{name: '{stopper}:StopAt', args: {{steps: 3}}}}]"
+    with pytest.raises(RuntimeError, match="killed"):
+        run("killed", "video.parent_blend=0.25", kill)
+    resumed = weights(run("killed", "video.parent_blend=0.25"))  # resumes at the end: blends once, trains nothing
+    for key, value in weights(blended).items():
+        assert torch.equal(resumed[key], value), key
+
+
+def test_parent_blend_outside_0_1_or_without_a_parent_is_a_recipe_error(tiny_world, tmp_path):
+    stage = VideoStage(_recipe(tiny_world, tmp_path, "video.parent_blend=0.3"))
+    with pytest.raises(RecipeError, match="needs the init parent"):
+        stage.finish_training()
+    stage = VideoStage(_recipe(tiny_world, tmp_path, "video.parent_blend=1.5"))
+    with pytest.raises(RecipeError, match="fraction"):
+        stage.finish_training()

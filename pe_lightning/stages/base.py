@@ -14,6 +14,7 @@ A stage is one file `stages/<name>.py` with a `PEStage` subclass that reads like
         def loss(self, batch, phase):       # the objective
         def batch_samples(self, batch):     # samples in a batch (nested batches sum)
         def flops_per_sample(self, res):    # read by the throughput callback
+        def finish_training(self):          # once, after the last sample and before the evals and export
         def export(self, out_dir):          # weights in Meta's layout
 
 Shared here: the optimizer and its parameter groups, gradient clipping, the lr and phase schedules as pure
@@ -62,6 +63,7 @@ class PEStage(L.LightningModule):
         self.samples_seen = 0  # global samples trained on (all ranks)
         self.train_seconds = 0.0  # wall time spent in fit, summed over resumes
         self.metrics: dict[str, Any] = {}  # headline metrics, written to export/metrics.json
+        self.training_finished = False  # finish_training() has run (checkpointed: it runs exactly once)
         self.model = self.build_model(self.parents.get("init") if fresh else None)
         if "teacher" in self.parents:
             self.set_teacher("teacher", self.build_teacher(self.parents["teacher"]))
@@ -128,6 +130,11 @@ class PEStage(L.LightningModule):
                     return self._frozen["teacher"]
                 return self.build_teacher(self.parents[role]).to(self.device)
         return None
+
+    def finish_training(self) -> None:
+        """Runs once, after the last sample is trained and before the evals and the export (e.g. the video
+        stage's blend with its parent). Also on a resume from a checkpoint of the final step written before it
+        ran. Default: nothing."""
 
     def eval_model(self) -> nn.Module:
         """The model the eval callbacks evaluate (the trained network)."""
@@ -270,6 +277,14 @@ class PEStage(L.LightningModule):
     # ----- per-step bookkeeping -----
     def on_train_start(self) -> None:
         self._fit_started_at = time.monotonic() - self.train_seconds
+        if self.finished:  # resumed from the final step's checkpoint: train nothing more, finish
+            self.trainer.should_stop = True
+            self._finish_once()
+
+    def _finish_once(self) -> None:
+        if not self.training_finished:
+            self.finish_training()
+            self.training_finished = True
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         torch.manual_seed(self.cfg.seed * 1_000_003 + self.global_step * 7919 + self.global_rank)
@@ -292,6 +307,7 @@ class PEStage(L.LightningModule):
         self.train_seconds = time.monotonic() - self._fit_started_at
         if self.finished:
             self.trainer.should_stop = True
+            self._finish_once()  # the module's hook runs after the callbacks': the final checkpoint is pre-finish
 
     def log_scalars(self, values: dict[str, float]) -> None:
         """Log host-side numbers as CPU tensors: Lightning copies a Python float to the GPU, a blocking copy
@@ -306,10 +322,11 @@ class PEStage(L.LightningModule):
     # ----- checkpoint state beyond Lightning's -----
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["pe_state"] = {"samples_seen": self.samples_seen, "train_seconds": self.train_seconds,
-                                  "metrics": self.metrics}
+                                  "metrics": self.metrics, "training_finished": self.training_finished}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("pe_state", {})
         self.samples_seen = int(state.get("samples_seen", 0))
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.metrics = dict(state.get("metrics", {}))
+        self.training_finished = bool(state.get("training_finished", False))

@@ -11,8 +11,9 @@ Every step holds a batch of clips and a batch of images, both at the final resol
 Both CLIP losses share the model's temperature and contrast over the global batch under DDP
 (stages/losses.py clip_loss). Published: 8 uniformly sampled frames, the frame mean, images next to videos at
 the final resolution. Everything else is a recipe key marked "our choice" (VideoArgs): the two batch sizes, the
-two weights, whether the text tower and the temperature train, whether MaskFeat stays on (images only), and an
-optional random patch drop on the video frames.
+two weights, whether the text tower and the temperature train, whether MaskFeat stays on (images only), an
+optional random patch drop on the video frames, and an optional WiSE-FT blend with the parent at the end
+(video.parent_blend).
 
 Counting: `samples_seen` (hence train.total_samples, the lr schedule and the throughput) counts clips +
 images: a step of 32 clips and 32 images is 64 samples (the contract's sum over a nested batch; our choice).
@@ -60,6 +61,10 @@ class VideoArgs:
     frame_mask_ratio: float = 0.0  # FLIP/ViCLIP-style: this fraction of every frame's patches replaced by the
     #                                mask token (0 = off). The tower has no token drop, so this regularises
     #                                like FLIP but does not cut the 8x frame compute.
+    parent_blend: float = 0.0  # WiSE-FT (Wortsman et al. 2022): the final weights are (1 - parent_blend) x
+    #                            finetuned + parent_blend x the init parent's, blended once when training ends,
+    #                            before the evals and the export (0 = off). Trades a little of the video gain
+    #                            for less forgetting of images.
 
 
 class VideoStage(PEStage):
@@ -198,6 +203,25 @@ class VideoStage(PEStage):
         clips, images = self.args.clip_batch_size, self.args.image_batch_size
         return (clips * (self.num_frames * flops["vision"] + text) + images * (flops["vision"] + text)) / (
             clips + images)
+
+    # ----- the end -----
+    def finish_training(self) -> None:
+        """WiSE-FT: move every floating weight of the model `parent_blend` of the way back to the parent's (the
+        model's own extras, such as a training-time mask token, stay as trained)."""
+        blend = float(self.args.parent_blend)
+        if blend == 0.0:
+            return
+        if not 0.0 < blend < 1.0:
+            raise RecipeError(f"video.parent_blend={blend}: give a fraction in [0, 1) (0 = no blend)")
+        if "init" not in self.parents:
+            raise RecipeError("video.parent_blend needs the init parent's weights, and none is given: pass "
+                              "init=PATH (the export the stage started from), or set video.parent_blend=0")
+        parent = self.build_teacher(self.parents["init"]).state_dict()
+        with torch.no_grad():
+            for name, tensor in self.model.state_dict().items():  # views of the parameters: blended in place
+                if name in parent and tensor.is_floating_point():
+                    tensor.lerp_(parent[name].to(tensor), blend)
+        self.metrics["parent_blend"] = blend
 
     def on_train_end(self) -> None:
         """Bad samples skipped during the stage, per part and reason, summed over ranks, into metrics.json
