@@ -193,6 +193,9 @@ def load_recipe(stage: str, overrides: list[str] | None = None, recipes_dir: Pat
                  recipes_dir / stage / f"{model_name}.yaml"):
         if path.exists():
             layers.append((str(path.relative_to(recipes_dir.parent)), _yaml_layer(path)))
+    scale_file = recipes_dir / stage / f"{model_name}.yaml"
+    if recipe in (None, stage) and scale_file.exists():
+        _refuse_dead_scale_keys(layers[-1][1], stage_layer, layers[-1][0], f"recipes/{stage_file.name}")
     layers += [(f"recipes/{stage_file.name}", stage_layer), ("command line", cli)]
     cfg = recipe_schema(stage, args)
     for source, layer in layers:
@@ -203,6 +206,30 @@ def load_recipe(stage: str, overrides: list[str] | None = None, recipes_dir: Pat
     if missing:
         raise RecipeError(f"recipe keys without a value: {missing}")
     return cfg
+
+
+def _leaf_keys(layer: DictConfig) -> set[str]:
+    flat: set[str] = set()
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat.add(prefix[:-1])
+
+    walk(OmegaConf.to_container(layer, resolve=False), "")
+    return flat
+
+
+def _refuse_dead_scale_keys(scale: DictConfig, method: DictConfig, scale_name: str, method_name: str) -> None:
+    """The stage's method file merges after its scale layer (so a variant method file can replace the scale's
+    choices on purpose); a key that both the stage's own files set is dead in the scale layer: an error, not
+    a silently ignored setting."""
+    both = sorted(_leaf_keys(scale) & _leaf_keys(method))
+    if both:
+        raise RecipeError(f"{scale_name} sets {both}, which {method_name} also sets; the method file merges later, "
+                          f"so the scale layer's value would be ignored. Set each key in one of the two files")
 
 
 def _validate_model_overrides(cfg: DictConfig) -> None:

@@ -63,6 +63,17 @@ def test_typo_in_a_recipe_file_names_file_and_key(tmp_path):
         load_stage_recipe("pretrain", recipes_dir=tmp_path)
 
 
+def test_a_scale_layer_key_the_method_file_also_sets_is_an_error(tmp_path):
+    import shutil
+
+    shutil.copytree(RECIPES_DIR, tmp_path / "recipes")
+    recipes = tmp_path / "recipes"
+    (recipes / "video" / "tiny.yaml").write_text("video:\n  image_weight: 2.0\n")  # video.yaml sets it too
+    with pytest.raises(RecipeError, match=r"recipes/video/tiny.yaml sets \['video.image_weight'\].*video.yaml"):
+        load_stage_recipe("video", recipes_dir=recipes)
+    assert load_stage_recipe("pretrain", recipe="pretrain_vanilla").optim.name == "adamw"  # a variant may override
+
+
 def test_unknown_stage_lists_recipe_files():
     with pytest.raises(RecipeError, match="pretrain"):
         load_stage_recipe("pretrian")
