@@ -189,11 +189,11 @@ def load_recipe(stage: str, overrides: list[str] | None = None, recipes_dir: Pat
     model_name = _peek([base, stage_layer, cli], "model.preset", "tiny")
     data_name = _peek([base, stage_layer, cli], "data.preset", "shapes")
     layers = [("recipes/base.yaml", base)]
+    scale_file = recipes_dir / stage / f"{model_name}.yaml"  # the stage's scale for the model, merged last
     for path in (recipes_dir / "models" / f"{model_name}.yaml", recipes_dir / "data" / f"{data_name}.yaml",
-                 recipes_dir / stage / f"{model_name}.yaml"):
+                 scale_file):
         if path.exists():
             layers.append((str(path.relative_to(recipes_dir.parent)), _yaml_layer(path)))
-    scale_file = recipes_dir / stage / f"{model_name}.yaml"
     if recipe in (None, stage) and scale_file.exists():
         _refuse_dead_scale_keys(layers[-1][1], stage_layer, layers[-1][0], f"recipes/{stage_file.name}")
     layers += [(f"recipes/{stage_file.name}", stage_layer), ("command line", cli)]
@@ -208,25 +208,12 @@ def load_recipe(stage: str, overrides: list[str] | None = None, recipes_dir: Pat
     return cfg
 
 
-def _leaf_keys(layer: DictConfig) -> set[str]:
-    flat: set[str] = set()
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict) and node:
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            flat.add(prefix[:-1])
-
-    walk(OmegaConf.to_container(layer, resolve=False), "")
-    return flat
-
-
 def _refuse_dead_scale_keys(scale: DictConfig, method: DictConfig, scale_name: str, method_name: str) -> None:
     """The stage's method file merges after its scale layer (so a variant method file can replace the scale's
     choices on purpose); a key that both the stage's own files set is dead in the scale layer: an error, not
     a silently ignored setting."""
-    both = sorted(_leaf_keys(scale) & _leaf_keys(method))
+    both = sorted(_flatten(OmegaConf.to_container(scale, resolve=False)).keys()
+                  & _flatten(OmegaConf.to_container(method, resolve=False)).keys())
     if both:
         raise RecipeError(f"{scale_name} sets {both}, which {method_name} also sets; the method file merges later, "
                           f"so the scale layer's value would be ignored. Set each key in one of the two files")
@@ -253,15 +240,16 @@ def result_keys(cfg: DictConfig) -> dict[str, Any]:
     cosmetic = ("run", "runs_dir", "resume", "trainer.progress_bar", "trainer.checkpoint_every_n_steps",
                 "trainer.threads", "train.log_every_n_steps", "eval.", "callbacks", "model.compile",
                 "optim.compile")
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            flat[prefix[:-1]] = node
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
     return {k: v for k, v in flat.items() if not any(k == c or k.startswith(c) for c in cosmetic)}
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> {"a.b.c": leaf value} (lists are leaves; an empty mapping sets nothing)."""
+    if not isinstance(node, dict):
+        return {prefix[:-1]: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
 

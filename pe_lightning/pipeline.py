@@ -134,26 +134,20 @@ def resume_checkpoint(cfg: DictConfig, sdir: StageDir) -> Path | None:
     """The checkpoint to resume from, after refusing the ambiguous and the inconsistent cases."""
     if not sdir.checkpoint.exists() or cfg.resume == "never":
         return None
-    started_from = _saved_init(sdir)
+    saved = OmegaConf.load(sdir.config) if sdir.config.exists() else None
+    started_from = saved.get("init") if saved is not None else None
     if cfg.init and cfg.init != started_from:
         raise PipelineError(
             f"init={cfg.init} asks to start {cfg.stage!r} from new weights, but {sdir.checkpoint} holds an "
             f"unfinished run of it (started from {started_from or 'its pipeline parent'}). Resume it (drop init= "
             f"or repeat the one it started with), or start over by deleting {sdir.root}")
-    if sdir.config.exists() and cfg.resume != "force":
-        changes = config_changes(OmegaConf.load(sdir.config), cfg)
+    if saved is not None and cfg.resume != "force":
+        changes = config_changes(saved, cfg)
         if changes:
             raise PipelineError(
                 f"refusing to resume {sdir.root}: the recipe changed since it started:\n  "
                 + "\n  ".join(changes) + "\nRestore these keys, or pass resume=force to resume anyway.")
     return sdir.checkpoint
-
-
-def _saved_init(sdir: StageDir) -> str | None:
-    """The `init=` a stage's run started with (its config.yaml), or None."""
-    if not sdir.config.exists():
-        return None
-    return OmegaConf.load(sdir.config).get("init") or None
 
 
 def export_stage(module: Any, cfg: DictConfig, sdir: StageDir) -> None:
@@ -186,11 +180,13 @@ def run_stage(cfg: DictConfig, pipeline: Pipeline | None = None) -> Path:
         log.info("stage %s of run %s is DONE (%s); nothing to do", cfg.stage, cfg.run, sdir.export)
         return sdir.export
     ckpt = resume_checkpoint(cfg, sdir)
-    if ckpt and not cfg.init and _saved_init(sdir) and Path(_saved_init(sdir)).exists():
+    if ckpt and not cfg.init:
         # The parent a run started from stays its parent on resume (its parent_ figures, a blend with it),
-        # whether or not the command repeats init=.
-        cfg = cfg.copy()
-        cfg.init = _saved_init(sdir)
+        # whether or not the command repeats init= (a parent file gone since is tolerated, as before).
+        started_from = OmegaConf.load(sdir.config).get("init") if sdir.config.exists() else None
+        if started_from and Path(started_from).exists():
+            cfg = cfg.copy()
+            cfg.init = started_from
     module = build_stage(cfg, pipeline, ckpt)
     sdir.root.mkdir(parents=True, exist_ok=True)
     if ckpt:

@@ -1,5 +1,7 @@
 """The recipe loader: layers in order, overrides, and clear errors for typos and bad values."""
 
+import shutil
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -64,8 +66,6 @@ def test_typo_in_a_recipe_file_names_file_and_key(tmp_path):
 
 
 def test_a_scale_layer_key_the_method_file_also_sets_is_an_error(tmp_path):
-    import shutil
-
     shutil.copytree(RECIPES_DIR, tmp_path / "recipes")
     recipes = tmp_path / "recipes"
     (recipes / "video" / "tiny.yaml").write_text("video:\n  image_weight: 2.0\n")  # video.yaml sets it too

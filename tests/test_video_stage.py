@@ -347,6 +347,5 @@ def test_parent_blend_outside_0_1_or_without_a_parent_is_a_recipe_error(tiny_wor
     stage = VideoStage(_recipe(tiny_world, tmp_path, "video.parent_blend=0.3"))
     with pytest.raises(RecipeError, match="needs the init parent"):
         stage.finish_training()
-    stage = VideoStage(_recipe(tiny_world, tmp_path, "video.parent_blend=1.5"))
-    with pytest.raises(RecipeError, match="fraction"):
-        stage.finish_training()
+    with pytest.raises(RecipeError, match="fraction"):  # at construction, before any training
+        VideoStage(_recipe(tiny_world, tmp_path, "video.parent_blend=1.5"))

@@ -76,6 +76,12 @@ class VideoStage(PEStage):
     headline_metrics = ("video_t2v_r1", "video_v2t_r1", "video_zeroshot_top1", "video_motion_top1",
                         "video_axis_top1", "zeroshot_top1")
 
+    def __init__(self, cfg, parents=None, fresh: bool = True):
+        blend = float(cfg.video.parent_blend) if "video" in cfg else 0.0
+        if not 0.0 <= blend < 1.0:  # checked before training, not when the blend runs at its end
+            raise RecipeError(f"video.parent_blend={blend}: give a fraction in [0, 1) (0 = no blend)")
+        super().__init__(cfg, parents, fresh)
+
     # ----- the model -----
     def build_model(self, init: Optional[Export]) -> nn.Module:
         model = super().build_model(init)
@@ -211,8 +217,6 @@ class VideoStage(PEStage):
         blend = float(self.args.parent_blend)
         if blend == 0.0:
             return
-        if not 0.0 < blend < 1.0:
-            raise RecipeError(f"video.parent_blend={blend}: give a fraction in [0, 1) (0 = no blend)")
         if "init" not in self.parents:
             raise RecipeError("video.parent_blend needs the init parent's weights, and none is given: pass "
                               "init=PATH (the export the stage started from), or set video.parent_blend=0")
