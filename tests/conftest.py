@@ -29,22 +29,34 @@ def tiny_run(world, runs_dir, *extra: str) -> list[str]:
             f"runs_dir={runs_dir}", "run=t", *TINY_MODEL, *TINY_SCHEDULE, *extra]
 
 
-STOP_AFTER = '''
-import lightning as L
-class StopAfter(L.Callback):
-    """Stops the fit after `steps` steps, after saving last.ckpt (a kill between steps)."""
+AFTER_STEP = '''
+import os, lightning as L
+class {name}(L.Callback):
+    """{doc}"""
     def __init__(self, steps=3):
         self.steps = steps
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.steps:
             trainer.save_checkpoint(trainer.default_root_dir + "/checkpoints/last.ckpt")
-            trainer.should_stop = True
+            {action}
 '''
+
+
+def _after_step(folder, name: str, doc: str, action: str, steps: int) -> str:
+    path = folder / f"{name.lower()}.py"
+    path.write_text(AFTER_STEP.format(name=name, doc=doc, action=action))
+    return f"{{name: '{path}:{name}', args: {{steps: {steps}}}}}"
 
 
 def stop_after(folder, steps: int = 3) -> str:
     """A recipe callback entry (a user's callback file in `folder`) that stops a stage after `steps` steps with
     its checkpoint saved: the run then resumes as after a kill."""
-    path = folder / "stop_after.py"
-    path.write_text(STOP_AFTER)
-    return f"{{name: '{path}:StopAfter', args: {{steps: {steps}}}}}"
+    return _after_step(folder, "StopAfter", "Stops the fit after `steps` steps, after saving last.ckpt.",
+                       "trainer.should_stop = True", steps)
+
+
+def kill_after(folder, steps: int = 3) -> str:
+    """A recipe callback entry that kill -9s the process right after the checkpoint of step `steps` is written
+    (no clean shutdown at all)."""
+    return _after_step(folder, "KillAt", "kill -9 right after the checkpoint of step `steps` is written.",
+                       "os.kill(os.getpid(), 9)", steps)

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from conftest import stop_after, tiny_run
+from test_lang_stage import lang_smoke
 from pe_lightning import stages
 from pe_lightning.config import RECIPES_DIR
 from pe_lightning.exports import Export
@@ -32,7 +33,9 @@ from pe_lightning.stages.pretrain import PretrainStage
 SMOKE: dict[str, list[str]] = {
     "pretrain": [],
     "distill": ["distill.scratch_baseline=true"],  # teacher: the video export (the pipeline runs it first)
+    "spatial": ["train.phases=[{until_samples: 192, resolution: 32, batch_size: 16}]"],  # one grid: the cache's
     "video": ["train.phases=[]", "data.chunk_size=8", "video.clip_batch_size=8", "video.image_batch_size=8"],
+    "lang": lang_smoke(),  # a tiny random LM (built once in the temp dir), 2 warm-up steps then the full phase
 }
 
 def _recipe(stage: str, world: Path, runs: Path, *extra: str, recipe: str | None = None):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
@@ -36,10 +37,11 @@ from torch.utils.data import DataLoader
 
 from pe_lightning.data.image_text import decode_image
 from pe_lightning.data.shards import SkipSample
-from pe_lightning.data.transforms import TrainTransform, eval_transform, sample_rng, swap_left_right
+from pe_lightning.data.transforms import (TrainTransform, derive_seed, eval_transform, sample_rng,
+                                          swap_left_right)
 
 __all__ = ["InstructionDecoder", "TurnEncoderLike", "decode_turns", "conversation_to_turns",
-           "load_instruction_set"]
+           "load_instruction_set", "select_turns"]
 
 _USER_ROLES = ("human", "user")
 _ASSISTANT_ROLES = ("gpt", "assistant", "model")
@@ -126,26 +128,51 @@ def _swap_turns(turns: list[dict]) -> list[dict]:
     return [{"question": swap_left_right(t["question"]), "answer": swap_left_right(t["answer"])} for t in turns]
 
 
+_TAG_TURNS = 0x7A2
+
+def select_turns(turns: list[dict], n: int, seed: int, key: str) -> list[dict]:
+    """`n` of the turns (0 = all), drawn without replacement by a pure function of (seed, the sample's key),
+    kept in their order. The same sample gets the same draw in `validate` and `decode` (flip-independent)."""
+    if n <= 0 or len(turns) <= n:
+        return turns
+    import numpy as np
+
+    rng = np.random.Generator(np.random.PCG64(derive_seed(int(seed), _TAG_TURNS, zlib.crc32(key.encode()))))
+    keep = sorted(int(i) for i in rng.choice(len(turns), size=n, replace=False))
+    return [turns[i] for i in keep]
+
+
 class InstructionDecoder:
+    """`turns_per_sample` (0 = all): train only that many of a sample's turns (drawn per sample, see
+    `select_turns`). With 1 every answer is predicted from the image and its own question alone, as the
+    single-turn VQA evaluation asks it: a conversation whose questions name what later answers say ("Is there
+    a purple hexagon?" ... "What colour is the hexagon?") otherwise teaches the LM to copy from the text."""
+
     def __init__(self, image_size: int, augment: Any, seed: int, train: bool = True,
-                 encoder: Optional[TurnEncoderLike] = None):
+                 encoder: Optional[TurnEncoderLike] = None, turns_per_sample: int = 0):
         self.transform = TrainTransform(augment, image_size)
         self.seed = int(seed)
         self.train = train
         self.encoder = encoder
+        self.turns_per_sample = int(turns_per_sample)
+
+    def _turns(self, raw: dict) -> list[dict]:
+        turns = decode_turns(raw)
+        key = f"{raw.get('__url__', '')}/{raw.get('__key__', '')}"
+        return select_turns(turns, self.turns_per_sample, self.seed, key)
 
     @property
     def draft(self):
         return 2 * self.transform.size if self.train and self.transform.enabled else None
 
     def validate(self, raw: dict) -> None:
-        turns = decode_turns(raw)
+        turns = self._turns(raw)
         if self.encoder is not None:
             self.encoder.encode(turns)
         decode_image(raw, draft=self.draft)
 
     def decode(self, raw: dict, index: int) -> dict:
-        turns = decode_turns(raw)
+        turns = self._turns(raw)
         encoded = self.encoder.encode(turns) if self.encoder is not None else None
         img = decode_image(raw, draft=self.draft)
         x, flipped = self.transform(img, sample_rng(self.seed, index) if self.train else None)

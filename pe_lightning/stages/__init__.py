@@ -12,12 +12,16 @@ from typing import Optional
 from pe_lightning.config import RECIPES_DIR, RecipeError, load_recipe
 from pe_lightning.stages.base import PEStage
 from pe_lightning.stages.distill import DistillStage
+from pe_lightning.stages.lang import LangStage
 from pe_lightning.stages.pretrain import PretrainStage
+from pe_lightning.stages.spatial import SpatialStage
 from pe_lightning.stages.video import VideoStage
 
 STAGES: dict[str, type[PEStage]] = {
     "pretrain": PretrainStage,
     "distill": DistillStage,
+    "lang": LangStage,
+    "spatial": SpatialStage,
     "video": VideoStage,
 }
 

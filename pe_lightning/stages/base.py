@@ -85,6 +85,18 @@ class PEStage(L.LightningModule):
             load_checkpoint(model, init.weights)
         return model
 
+    def init_structure(self, init: Optional[Export]):
+        """The CLIPConfig of the init parent (its model.json, else the preset of `model:`), for stages that
+        reshape it (lang truncates it, spatial drops its head). On resume `init` is None and the pipeline's
+        `init` parent still says the structure the checkpoint holds."""
+        from pe_lightning.models.presets import get_preset
+
+        m = self.cfg.model
+        source = init or self.parents.get("init")
+        if source is not None:
+            return source.model_config(m.preset, dict(m.vision), dict(m.text))
+        return get_preset(m.preset, vision=dict(m.vision), text=dict(m.text))
+
     def build_teacher(self, parent: Export) -> nn.Module:
         """A frozen network built from a parent export (its own structure), rebuilt on every start."""
         m = self.cfg.model
