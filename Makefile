@@ -12,7 +12,7 @@ run ?= default
 comma := ,
 
 .DEFAULT_GOAL := default
-.PHONY: default help setup train pipeline status probe test test-fast bench data clean-venv ask lang-sweep
+.PHONY: default help setup train pipeline status report soak probe test test-fast bench data clean-venv ask lang-sweep
 
 default:
 ifdef stage
@@ -27,10 +27,12 @@ help:  ## list the targets
 	@echo "  make stage=pretrain [run=NAME] [key=value ...]  run (or resume) one stage"
 	@echo "  make pipeline [run=NAME]                        run every stage not yet DONE, in order"
 	@echo "  make status [run=NAME]                          each stage's state and headline metrics"
+	@echo "  make report [run=NAME]                          runs/NAME/report.md: figures, probe and loss curves"
 	@echo "  make probe [run=NAME] [stage=S] [layers=1,2]    per-layer frozen-feature probes of an export"
 	@echo "  make ask [run=NAME] image=PATH question=TEXT    answer a question about an image (lang export)"
 	@echo "  make lang-sweep [run=NAME] [layers=3,2,1]       the lang stage for several k, then the VQA table"
 	@echo "  make test                                       the test suite (CPU)"
+	@echo "  make soak [kills=20]                            the tiny pipeline SIGKILLed until done, exports checked"
 	@echo "  make bench                                      training-step / data benchmarks -> bench/results/"
 	@echo "  make data                                       generate the shapes world into data/shapes"
 	@echo "  make setup                                      create .venv with the pinned dependencies"
@@ -58,6 +60,13 @@ pipeline: $(STAMP)
 
 status: $(STAMP)
 	@$(VENV)/bin/pe-lightning status $(OVERRIDES)
+
+kills ?= 20
+soak: $(STAMP)
+	$(PY) tests/kill_soak.py --out runs/soak-check --kills $(kills)
+
+report: $(STAMP)
+	@$(VENV)/bin/pe-lightning report $(OVERRIDES)
 
 probe: $(STAMP)
 	$(VENV)/bin/pe-lightning probe $(OVERRIDES)

@@ -298,3 +298,17 @@ def time_loop(step: Callable[[int], Any], device: torch.device, warmup: int, ste
 def error_record(err: BaseException) -> dict:
     return {"status": "failed", "error": f"{type(err).__name__}: {err}"[:2000],
             "traceback": traceback.format_exc()[-4000:]}
+
+
+def steps_table(rows: list[dict], columns: list[str], cells: Callable[[dict], list[str]]) -> list[str]:
+    """A report's Markdown table of timed steps: the step's name, then `cells(row)` under `columns`, then the
+    time of one step, of the first step (compilation, allocation) and the peak memory; a failed row says why."""
+    columns = [*columns, "step ms", "1st step s", "peak mem GiB"]
+    lines = ["| step | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(f"| {r.get('name')} | failed: {str(r.get('error', ''))[:60]} |" + " |" * (len(columns) - 1))
+            continue
+        timing = [f"{r['step_ms']:,.1f}", f"{r.get('first_step_s', 0):.1f}", f"{r.get('peak_mem_gib', 0):.2f}"]
+        lines.append(f"| {r['name']} | " + " | ".join([*cells(r), *timing]) + " |")
+    return lines

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from bench.common import autocast, error_record, free_memory, rss_bytes, synthetic_batch, time_loop
+from bench.common import autocast, error_record, free_memory, rss_bytes, steps_table, synthetic_batch, time_loop
 
 
 def pair(device: torch.device, preset: str) -> tuple[str, str]:
@@ -154,14 +154,8 @@ def distill_lines(sec: dict) -> list[str]:
     if sec.get("status") != "ok":
         return lines + [f"{sec.get('status')}: {sec.get('error', '')}", ""]
     lines += [f"Student {sec['student']} from teacher {sec['teacher']}, batch {sec['batch']} at {sec['resolution']} "
-              "px; minimal loop, synthetic batch on the device, random-weight teacher.", "",
-              "| step | images/s | step ms | 1st step s | peak mem GiB |", "|---|---:|---:|---:|---:|"]
-    for r in sec.get("rows", []):
-        if r.get("status") != "ok":
-            lines.append(f"| {r.get('name')} | failed: {str(r.get('error', ''))[:60]} | | | |")
-            continue
-        lines.append(f"| {r['name']} | {r['images_per_s']:,.0f} | {r['step_ms']:,.1f} | "
-                     f"{r.get('first_step_s', 0):.1f} | {r.get('peak_mem_gib', 0):.2f} |")
+              "px; minimal loop, synthetic batch on the device, random-weight teacher.", ""]
+    lines += steps_table(sec.get("rows", []), ["images/s"], lambda r: [f"{r['images_per_s']:,.0f}"])
     ok = {r["name"].split(" (")[0]: r for r in sec.get("rows", []) if r.get("status") == "ok"}
     peer = ok.get("open_clip: DistillClipLoss")
     if peer:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import autocast, error_record, free_memory, rss_bytes, time_loop
+from bench.common import autocast, error_record, free_memory, rss_bytes, steps_table, time_loop
 
 
 def lang_batch(stage, batch_size: int, device: torch.device, seed: int = 0) -> dict:
@@ -126,14 +126,9 @@ def lang_lines(sec: dict) -> list[str]:
         return lines + [f"{sec.get('status')}: {sec.get('error', '')}", ""]
     lines += [f"LM {sec.get('lm')} ({sec.get('lm_params', 0) / 1e6:.0f}M parameters), batch {sec['batch']}, "
               f"{sec.get('tokens_per_sample', 0):.0f} tokens per sample ({sec.get('image_tokens')} image tokens); "
-              "minimal loop, shapes-world token batch, random images.", "",
-              "| step | samples/s | tokens/s | step ms | 1st step s | peak mem GiB |", "|---|---:|---:|---:|---:|---:|"]
-    for r in sec.get("rows", []):
-        if r.get("status") != "ok":
-            lines.append(f"| {r.get('name')} | failed: {str(r.get('error', ''))[:60]} | | | | |")
-            continue
-        lines.append(f"| {r['name']} | {r['samples_per_s']:,.2f} | {r['tokens_per_s']:,.0f} | {r['step_ms']:,.1f} | "
-                     f"{r.get('first_step_s', 0):.1f} | {r.get('peak_mem_gib', 0):.2f} |")
+              "minimal loop, shapes-world token batch, random images.", ""]
+    lines += steps_table(sec.get("rows", []), ["samples/s", "tokens/s"],
+                         lambda r: [f"{r['samples_per_s']:,.2f}", f"{r['tokens_per_s']:,.0f}"])
     ok = {r["name"].split(" (")[0]: r for r in sec.get("rows", []) if r.get("status") == "ok"}
     if "ours: full" in ok and "HF: plain step" in ok:
         ratio = ok["ours: full"]["tokens_per_s"] / ok["HF: plain step"]["tokens_per_s"]

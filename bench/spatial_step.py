@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from bench.common import error_record, free_memory, rss_bytes, synthetic_batch, time_loop
+from bench.common import error_record, free_memory, rss_bytes, steps_table, synthetic_batch, time_loop
 
 
 def synthetic_dense_batch(batch: int, resolution: int, grid: int, dim: int, ratio: float,
@@ -140,14 +140,8 @@ def spatial_lines(sec: dict) -> list[str]:
         return lines + [f"{sec.get('status')}: {sec.get('error', '')}", ""]
     lines += [f"{sec['batch']} images at {sec['resolution']} px ({sec.get('grid')}x{sec.get('grid')} tokens, teacher "
               f"layer {sec.get('teacher_layer')}, {sec.get('mask_ratio')} of the patches masked); minimal loop, "
-              "synthetic batch on the device.", "",
-              "| step | images/s | step ms | 1st step s | peak mem GiB |", "|---|---:|---:|---:|---:|"]
-    for r in sec.get("rows", []):
-        if r.get("status") != "ok":
-            lines.append(f"| {r.get('name')} | failed: {str(r.get('error', ''))[:60]} | | | |")
-            continue
-        lines.append(f"| {r['name']} | {r['images_per_s']:,.1f} | {r['step_ms']:,.1f} | "
-                     f"{r.get('first_step_s', 0):.1f} | {r.get('peak_mem_gib', 0):.2f} |")
+              "synthetic batch on the device.", ""]
+    lines += steps_table(sec.get("rows", []), ["images/s"], lambda r: [f"{r['images_per_s']:,.1f}"])
     ok = [r for r in sec.get("rows", []) if r.get("status") == "ok"]
     if len(ok) == 2:
         lines += ["", f"spatial / pretrain, images/s: **{ok[0]['images_per_s'] / ok[1]['images_per_s']:.2f}x**."]

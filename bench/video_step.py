@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from bench.common import autocast, error_record, free_memory, rss_bytes, synthetic_batch, time_loop
+from bench.common import autocast, error_record, free_memory, rss_bytes, steps_table, synthetic_batch, time_loop
 
 IMAGE_SHARE = 8  # images per step = clip frames per step / 8 (our choice for the bench)
 
@@ -162,15 +162,10 @@ def video_lines(sec: dict) -> list[str]:
     if sec.get("status") != "ok":
         return lines + [f"{sec.get('status')}: {sec.get('error', '')}", ""]
     lines += [f"{sec['clips']} clips x {sec['num_frames']} frames + {sec['images']} images = {sec['vision_rows']} "
-              f"vision rows per step at {sec['resolution']} px; minimal loop, synthetic batch on the device.", "",
-              "| step | clips/s | frames/s | step ms | 1st step s | peak mem GiB |", "|---|---:|---:|---:|---:|---:|"]
-    for r in sec.get("rows", []):
-        if r.get("status") != "ok":
-            lines.append(f"| {r.get('name')} | failed: {str(r.get('error', ''))[:60]} | | | | |")
-            continue
-        clips = f"{r['clips_per_s']:,.1f}" if r.get("clips_per_s") else "-"
-        lines.append(f"| {r['name']} | {clips} | {r['frames_per_s']:,.0f} | {r['step_ms']:,.1f} | "
-                     f"{r.get('first_step_s', 0):.1f} | {r.get('peak_mem_gib', 0):.2f} |")
+              f"vision rows per step at {sec['resolution']} px; minimal loop, synthetic batch on the device.", ""]
+    lines += steps_table(sec.get("rows", []), ["clips/s", "frames/s"],
+                         lambda r: [f"{r['clips_per_s']:,.1f}" if r.get("clips_per_s") else "-",
+                                    f"{r['frames_per_s']:,.0f}"])
     ok = [r for r in sec.get("rows", []) if r.get("status") == "ok"]
     if len(ok) == 2:
         lines += ["", f"ours / open_clip, frames/s: **{ok[0]['frames_per_s'] / ok[1]['frames_per_s']:.2f}x**."]

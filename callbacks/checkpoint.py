@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from pe_lightning.io import fsync_dir, write_text_atomic
+from pe_lightning.io import crash_point, fsync_dir, write_text_atomic
 
 
 class AtomicCheckpoint(L.Callback):
@@ -81,6 +81,7 @@ class AtomicCheckpoint(L.Callback):
         if trainer.is_global_zero:
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
+            crash_point()
             os.replace(tmp, self.path)
             fsync_dir(self.path.parent)
             progress = {"samples_seen": int(getattr(pl_module, "samples_seen", 0)), "step": trainer.global_step}

@@ -1,8 +1,9 @@
 """The command line: `pe-lightning train|pipeline|status|data ...` (the Makefile calls these).
 
   pe-lightning train stage=pretrain [recipe=pretrain_vanilla] [run=NAME] [key=value ...]
-  pe-lightning pipeline [run=NAME] [key=value ...]
+  pe-lightning pipeline [run=NAME] [probes=false] [key=value ...]
   pe-lightning status [run=NAME] [runs_dir=runs]
+  pe-lightning report [run=NAME] [runs_dir=runs]      runs/<run>/report.md + PNGs
   pe-lightning data shapes --out DIR [--train N] [--seed S] [--size PX]
   pe-lightning probe run=NAME [stage=S | weights=PATH model=PRESET] [layers=1,2,4]
   pe-lightning probe compare OUT.png EXPORT_OR_PROBE_JSON ...
@@ -46,8 +47,11 @@ def _train(args: list[str]) -> None:
 def _pipeline(args: list[str]) -> None:
     from pe_lightning.pipeline import run_pipeline
 
-    picked, overrides = _split(args, "run")
-    run_pipeline(picked.get("run", "default"), overrides)
+    picked, overrides = _split(args, "run", "probes")
+    probes = picked.get("probes", "true").lower()
+    if probes not in ("true", "false"):
+        raise SystemExit(f"probes={picked['probes']}: expected true or false")
+    run_pipeline(picked.get("run", "default"), overrides, probes=probes == "true")
 
 
 def _status(args: list[str]) -> None:
@@ -55,6 +59,12 @@ def _status(args: list[str]) -> None:
 
     picked, rest = _split(args, "run", "runs_dir", "stage")
     print(status(picked.get("runs_dir", "runs"), picked.get("run", "default")))
+
+
+def _report(args: list[str]) -> None:
+    from pe_lightning.report import main as report_main
+
+    print(report_main(args))
 
 
 def _data(args: list[str]) -> None:
@@ -106,8 +116,8 @@ def _configure_logging() -> None:
     ours.propagate = False
 
 
-COMMANDS = {"train": _train, "pipeline": _pipeline, "status": _status, "data": _data, "probe": _probe,
-            "teacher": _teacher, "ask": _ask}
+COMMANDS = {"train": _train, "pipeline": _pipeline, "status": _status, "report": _report, "data": _data,
+            "probe": _probe, "teacher": _teacher, "ask": _ask}
 
 
 def main(argv: list[str] | None = None) -> None:

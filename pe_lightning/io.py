@@ -15,8 +15,27 @@ from typing import Any, Callable, Union
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["fsync_dir", "write_atomic", "write_text_atomic", "write_bytes_atomic", "torch_save_atomic",
+__all__ = ["crash_point", "fsync_dir", "write_atomic", "write_text_atomic", "write_bytes_atomic", "torch_save_atomic",
            "replace_dir_atomic"]
+
+
+_renames_seen = 0
+
+
+def crash_point() -> None:
+    """Crash injection for the kill soak (tests/kill_soak.py): with PE_KILL_AT_RENAME=N in the environment, the
+    N-th atomic rename of this process SIGKILLs it just before renaming (the temporary file complete, the target
+    untouched), the moment a crash is likeliest to leave a torn state. Called before every rename that
+    publishes a file or folder: checkpoints, exports, DONE, progress.json, the teacher caches. Unset, it costs
+    one environment lookup."""
+    global _renames_seen
+    at = os.environ.get("PE_KILL_AT_RENAME")
+    if at:
+        _renames_seen += 1
+        if _renames_seen == int(at):
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def fsync_dir(path: PathLike) -> None:
@@ -44,6 +63,7 @@ def write_atomic(path: PathLike, write: Callable[[Any], None], mode: str = "wb")
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        crash_point()
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -84,10 +104,12 @@ def replace_dir_atomic(build: Callable[[Path], None], target: PathLike) -> Path:
             with open(child, "rb") as handle:
                 os.fsync(handle.fileno())
     fsync_dir(tmp)
+    crash_point()
     if target.exists():
         old = target.with_name(target.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(target, old)
+        crash_point()  # between the two renames: no target, a complete tmp
         os.replace(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
     else:

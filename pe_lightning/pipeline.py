@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from pe_lightning.config import RECIPES_DIR, RecipeError, result_keys, to_yaml
@@ -164,8 +165,15 @@ def export_stage(module: Any, cfg: DictConfig, sdir: StageDir) -> None:
 
 def build_stage(cfg: DictConfig, pipeline: Pipeline, ckpt: Path | None):
     """The stage module with its parents read (before anything is written, so bad weights leave no folder)."""
+    import torch
+
     stage_cls = stage_class(cfg.stage)
     parents = parent_exports(cfg, pipeline, fresh=ckpt is None)
+    # A stage's compiled kernels must not depend on what ran before it in the process (`make pipeline` runs
+    # every stage in one): the shapes of earlier stages count toward dynamo's recompile limit, and hitting it
+    # switches the compiled LAMB update to eager mid-stage, so an uninterrupted pipeline would differ in float
+    # rounding from one resumed in a fresh process (found by the kill soak, tests/kill_soak.py).
+    torch._dynamo.reset()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     return stage_cls(cfg, parents=parents, fresh=ckpt is None)
 
@@ -206,22 +214,63 @@ def run_stage(cfg: DictConfig, pipeline: Pipeline | None = None) -> Path:
     return sdir.export
 
 
-def run_pipeline(run: str, overrides: list[str], recipe_dir: Path = RECIPES_DIR) -> None:
-    """Run every stage of the pipeline that is not DONE, in order."""
+def probe_stage(cfg: DictConfig) -> None:
+    """The per-layer probes of a finished stage's export (runs/<run>/<stage>/probe/), unless already there.
+    They need a labelled set: the shapes world's, or the data root's own (probe_run.probe_set_dir)."""
+    from pe_lightning.eval.probe_run import run_probe
+
+    if (stage_dir(cfg).root / "probe" / "probe.json").exists():
+        return
+    log.info("probing the export of stage %s (per-layer kNN, linear and dense probes)", cfg.stage)
+    run_probe([f"run={cfg.run}", f"stage={cfg.stage}", f"runs_dir={cfg.runs_dir}", f"data_root={cfg.data.root}"])
+
+
+def stage_overrides(pipeline: Pipeline, overrides: list[str]) -> dict[str, list[str]]:
+    """Each stage's share of the pipeline's `key=value` words. `STAGE:key=value` goes to that stage alone
+    (`lang:train.batch_size=16`), and so does a key of a stage's own section (`lang.lm=PATH`); `init=PATH`
+    goes to the stages with no parent (pretrain, the chain's root: every later stage starts from its parents'
+    exports); every other word goes to all stages."""
+    shares: dict[str, list[str]] = {stage: [] for stage in pipeline}
+    for word in overrides:
+        key, eq, _ = word.partition("=")
+        stage, colon, rest = key.partition(":")
+        if eq and colon:
+            if stage not in shares:
+                raise PipelineError(f"{word}: {stage!r} is not a stage of the pipeline; stages: {list(shares)}")
+            shares[stage].append(word[len(stage) + 1:])
+        elif key.partition(".")[0] in shares:  # a stage's own section (lang.lm=...): that stage's key
+            shares[key.partition(".")[0]].append(word)
+        elif key == "init":
+            for root in (s for s, parents in pipeline.items() if not parents):
+                shares[root].append(word)
+        else:
+            for share in shares.values():
+                share.append(word)
+    return shares
+
+
+def run_pipeline(run: str, overrides: list[str], recipe_dir: Path = RECIPES_DIR, probes: bool = True) -> None:
+    """Run every stage of the pipeline that is not DONE, in order, each export probed after its stage."""
     pipeline = read_pipeline(recipe_dir / "pipeline.yaml")
     missing = [s for s in pipeline if s not in STAGES]
     if missing:  # an unbuilt stage stops the pipeline before anything runs, never a silent skip
         raise PipelineError(f"the pipeline lists stage(s) {missing} that are not available in this version; "
                             f"available: {sorted(STAGES)}")
+    shares = stage_overrides(pipeline, overrides)
     for stage in pipeline:
-        cfg = load_stage_recipe(stage, [f"run={run}", *overrides], recipes_dir=recipe_dir)
+        cfg = load_stage_recipe(stage, [f"run={run}", *shares[stage]], recipes_dir=recipe_dir)
         run_stage(cfg, pipeline)
+        if probes and rank_zero_only.rank == 0:  # one process probes; the others go on to the next stage
+            probe_stage(cfg)
 
 
 def _headline(stage: str, metrics: dict) -> str:
-    keys = [*stage_class(stage).headline_metrics, "samples_seen"]
-    return ", ".join(f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}"
-                     for k in keys if k in metrics)
+    """The stage's one figure (with its gain over the baseline it must beat), then its other headline keys."""
+    cls = stage_class(stage)
+    keys = [*cls.headline_metrics, "samples_seen", "data_skipped"]
+    details = ", ".join(f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}"
+                        for k in keys if k in metrics)
+    return f"{cls.headline.format(metrics)} | {details}" if cls.headline else details
 
 
 def stage_status(run_dir: Path, stage: str) -> str:

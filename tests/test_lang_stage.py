@@ -383,3 +383,30 @@ def test_turns_per_sample_trains_each_answer_without_the_other_turns(tiny_world,
         assert len(ends) == 1  # exactly one answer span per sample
     full = _stage(tiny_world, tmp_path / "all", parent, "lang.turns_per_sample=0").datamodule().make_decoder()
     assert full.turns_per_sample == 0 and len(full.decode(raws[0], 0)["turns"]) > 1
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_train_as_one(tiny_world, tmp_path, parent):
+    """world 1 x 2 reader streams and world 2 x 1 stream read the same global batches; the answer loss is the
+    global batch's token mean on every rank (models/llm.global_token_share), so through both phases (the switch
+    included) and both LMs the DDP export equals the one-process export. Augmentation and DropPath are drawn
+    per rank layout, so this check runs without them, and in fp32."""
+    def run(runs, *extra):
+        over = [o for o in tiny_run(tiny_world, runs, *lang_smoke(), f"init={parent}") if not o.startswith("model.")]
+        done = _run_cli("train", "stage=lang", *over, "data.image_size=64", "train.total_samples=64",
+                        "data.chunk_size=8", "data.augment.enabled=false", "lang.drop_path=0", "trainer.threads=1",
+                        "trainer.precision=32-true",  # bf16 autocast rounds differently on half the batch
+                        "trainer.accelerator=cpu", "callbacks=[{name: checkpoint}]", *extra)
+        assert done.returncode == 0, done.stderr[-3000:]
+        export = runs / "t" / "lang" / "export"
+        return {f"{name}/{k}": v for name in ("model.pt", "projector.pt")
+                for k, v in torch.load(export / name, weights_only=True).items()}
+
+    one = run(tmp_path / "one", "data.streams=2", "trainer.devices=1")
+    two = run(tmp_path / "two", "data.streams=1", "trainer.devices=2",
+              "trainer.strategy=ddp_find_unused_parameters_true")
+    start = {f"model.pt/{k}": v for k, v in torch.load(parent / "model.pt", weights_only=True).items()}
+    assert one.keys() == two.keys()
+    assert max((one[k] - start[k]).abs().max().item() for k in one if k in start) > 1e-4  # it trained
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5, msg=key)

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from pe_lightning import stages
 from pe_lightning.io import write_text_atomic
 from pe_lightning.pipeline import (PipelineError, StageDir, parent_exports, read_pipeline, resume_checkpoint,
-                                   run_pipeline, run_stage, status)
+                                   run_pipeline, run_stage, stage_overrides, status)
 from pe_lightning.stages import load_stage_recipe
 from pe_lightning.stages.pretrain import PretrainStage
 
@@ -87,6 +87,17 @@ def test_init_overrides_parent_and_must_exist(tmp_path, video_registered):
         parent_exports(cfg, read_pipeline())
 
 
+def test_pipeline_overrides_reach_the_stages_they_name():
+    pipeline = read_pipeline()
+    shares = stage_overrides(pipeline, ["seed=3", "lang:train.batch_size=16", "lang.lm=/lm", "init=/PE-Core.pt",
+                                        "data.train=[{urls: 'a:b'}]"])
+    assert shares["lang"] == ["seed=3", "train.batch_size=16", "lang.lm=/lm", "data.train=[{urls: 'a:b'}]"]
+    assert shares["pretrain"] == ["seed=3", "init=/PE-Core.pt", "data.train=[{urls: 'a:b'}]"]
+    assert shares["video"] == shares["spatial"] == ["seed=3", "data.train=[{urls: 'a:b'}]"]
+    with pytest.raises(PipelineError, match=r"'lnag' is not a stage of the pipeline"):
+        stage_overrides(pipeline, ["lnag:optim.lr=1"])
+
+
 def test_done_stage_is_skipped(tmp_path):
     sdir = finish(tmp_path, "pretrain")
     assert run_stage(recipe(tmp_path)) == sdir.export  # returns at once: nothing is trained
@@ -149,6 +160,20 @@ def test_status_reports_each_state(tmp_path, only_pretrain):
     assert "not available yet" in lines[2]
 
 
+def test_status_prints_each_stage_headline_with_its_gain(tmp_path):
+    """One line per stage: the figure the stage is for, and its gain over the baseline it must beat."""
+    finish(tmp_path, "pretrain", {"zeroshot_top1": 0.65})
+    finish(tmp_path, "distill", {"zeroshot_top1": 0.365, "scratch_zeroshot_top1": 0.188})
+    finish(tmp_path, "lang", {"vqa_exact_match": 0.70, "vqa_blind_exact_match": 0.45})
+    finish(tmp_path, "spatial", {"dense_miou": 0.27, "parent_dense_miou": 0.28, "data_skipped": 3})
+    lines = {line.split()[0]: line for line in status(str(tmp_path), "r").splitlines()[1:]}
+    assert "zero-shot top-1 65.0%" in lines["pretrain"]
+    assert "not started" in lines["video"]
+    assert "zero-shot top-1 36.5% (+17.7 over scratch)" in lines["distill"]
+    assert "VQA exact match 70.0% (+25.0 over blind)" in lines["lang"]
+    assert "dense mIoU 27.0% (-1.0 over the parent)" in lines["spatial"] and "data_skipped=3" in lines["spatial"]
+
+
 def test_corrupt_init_file_is_one_line_and_leaves_no_run_folder(tmp_path):
     """A truncated weights file: a short error naming it, read before anything is written."""
     import subprocess
@@ -164,3 +189,42 @@ def test_corrupt_init_file_is_one_line_and_leaves_no_run_folder(tmp_path):
     assert errors == [f"error: cannot read checkpoint {bad}: not a PyTorch checkpoint (truncated or corrupt?)"]
     assert "pickle" not in result.stderr.lower()
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_pipeline_starts_from_a_released_meta_file(tiny_world, tmp_path):
+    """`make pipeline init=PE-Core-T16-384.pt model=PE-Core-T16-384`: a random file in Meta's layout for a
+    released configuration (reduced in depth and width) starts the chain's root; the next stage starts from
+    the root's export, not from the file."""
+    import shutil
+
+    import torch
+
+    from conftest import tiny_run
+    from pe_lightning.config import RECIPES_DIR
+    from pe_lightning.models import build_model
+    from pe_lightning.models.checkpoint import export_checkpoint, load_checkpoint
+
+    vision = dict(image_size=32, width=64, layers=2, heads=2, mlp_dim=128, output_dim=32)
+    text = dict(width=64, layers=1, heads=2, mlp_dim=128, output_dim=32)
+    torch.manual_seed(0)
+    released = tmp_path / "PE-Core-T16-384.pt"
+    export_checkpoint(build_model("PE-Core-T16-384", vision=vision, text=text), released)
+    recipes = tmp_path / "recipes"  # the real recipes with a two-stage pipeline: pretrain -> video
+    shutil.copytree(RECIPES_DIR, recipes)
+    (recipes / "pipeline.yaml").write_text("stages:\n  pretrain: {}\n  video: {init: pretrain}\n")
+    words = [w for w in tiny_run(tiny_world, tmp_path / "runs", "callbacks=[{name: checkpoint}]")
+             if not w.startswith(("run=", "train.phases="))]
+    run_pipeline("t", [*words, "model=PE-Core-T16-384", f"init={released}", "trainer.threads=1",
+                       "train.phases=[{until_samples: 192, resolution: 32, batch_size: 16}]",
+                       "video:train.phases=[]", "video:data.chunk_size=8", "video:video.clip_batch_size=8",
+                       "video:video.image_batch_size=8"], recipe_dir=recipes, probes=False)
+    run = tmp_path / "runs" / "t"
+    assert OmegaConf.load(run / "pretrain" / "config.yaml").init == str(released)
+    assert OmegaConf.load(run / "video" / "config.yaml").init is None  # from the pretrain export
+    for stage in ("pretrain", "video"):
+        model = build_model("PE-Core-T16-384", vision=vision, text=text)
+        assert not load_checkpoint(model, run / stage / "export" / "model.pt").missing
+    start = torch.load(released, weights_only=True)
+    trained = torch.load(run / "pretrain" / "export" / "model.pt", weights_only=True)
+    assert start.keys() == trained.keys() and not torch.equal(start["visual.conv1.weight"], trained["visual.conv1.weight"])

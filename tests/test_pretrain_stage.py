@@ -56,6 +56,7 @@ def test_metrics_have_the_headline_keys(finished_run):
                 "zeroshot_outline_top1", "zeroshot_texture_top1", "zeroshot_noise_top1"):
         assert key in metrics, key
     assert metrics["samples_seen"] == 192 and metrics["train_seconds"] > 0
+    assert metrics["data_skipped"] == 0  # recorded by every stage (the shapes world has no bad samples)
     assert 0.0 <= metrics["zeroshot_top1"] <= 1.0
 
 

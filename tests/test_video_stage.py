@@ -209,6 +209,7 @@ def test_corrupt_clips_are_skipped_and_counted_during_the_stage(video_run):
     skipped = {k: v for k, v in metrics.items() if k.startswith("skipped_")}
     # 6 steps x 8 clips = 48 good clips, more than the 32 of one pass: corrupt clips are met
     assert set(skipped) == {"skipped_video_bad_video"} and skipped["skipped_video_bad_video"] >= 1
+    assert metrics["data_skipped"] == skipped["skipped_video_bad_video"]
 
 
 # ----- DDP: two processes on the halves of a mixed batch = one process on all of it ---------------------

@@ -28,7 +28,7 @@ from matplotlib.ticker import MaxNLocator
 
 from pe_lightning.io import write_bytes_atomic
 
-__all__ = ["TASKS", "TASK_LABELS", "layer_curves_figure", "compare_figure", "save_png", "figure_rgb",
+__all__ = ["TASKS", "TASK_LABELS", "layer_curves_figure", "compare_figure", "new_figure", "save_png", "figure_rgb",
            "normalised_curve"]
 
 TASKS = ("knn", "linear", "dense")
@@ -52,7 +52,7 @@ def normalised_curve(result: dict, task: str) -> tuple[list[int], list[float], i
     return layers, norm, layers[best_i], best
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
     return fig
@@ -60,7 +60,7 @@ def _new_figure(width: float, height: float) -> Figure:
 
 def layer_curves_figure(result: dict, title: Optional[str] = None) -> Figure:
     """The layer-wise figure of one probe result (module docstring): exactly one Line2D per task present."""
-    fig = _new_figure(6.4, 4.2)
+    fig = new_figure(6.4, 4.2)
     ax = fig.add_subplot(1, 1, 1)
     head = result.get("head") or {}
     last = 0
@@ -105,7 +105,7 @@ def compare_figure(results: Sequence[dict], labels: Optional[Sequence[str]] = No
     tasks = [t for t in TASKS if any(r.get(t) for r in results)]
     if not tasks:
         raise ValueError("the probe results hold no scores (no knn, linear or dense entries)")
-    fig = _new_figure(4.2 * len(tasks), 4.0)
+    fig = new_figure(4.2 * len(tasks), 4.0)
     for i, task in enumerate(tasks):
         ax = fig.add_subplot(1, len(tasks), i + 1)
         for result, label in zip(results, labels):

@@ -506,7 +506,23 @@ def lm_answer_loss(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: t
     predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
     logits = lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, logits_to_keep=predicts).logits
     target = labels[:, 1:][predicts[:, :-1]]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target)
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target, reduction="sum")
+    return total / global_token_share(target.new_tensor(target.numel()))
+
+
+def global_token_share(count: torch.Tensor) -> torch.Tensor:
+    """The divisor that makes a rank's summed token loss the global batch's token mean under DDP: DDP averages
+    the ranks' gradients, so each rank divides by (answer tokens over all ranks) / world size. Ranks rarely
+    hold equally many answer tokens, and a per-rank mean would weight a token on a rank with few answers more
+    than one on a rank with many; one process: the batch's own count."""
+    import torch.distributed as dist
+
+    count = count.float()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        count = count.clone()
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return count.clamp(min=1.0)
 
 
 def stop_token_ids(tokenizer: Any, lm: Optional[nn.Module] = None, template: str = "auto",

@@ -40,6 +40,24 @@ from pe_lightning.stages.optim import WarmupCosine, build_optimizer, param_group
 from pe_lightning.stages.phases import Phase, PhaseSchedule
 
 
+@dataclass(frozen=True)
+class Headline:
+    """A stage's one figure for `status` and the report: metrics[key], and its gain over metrics[versus]
+    (the baseline the stage exists to beat: the scratch student, the blind LM, the parent export)."""
+    label: str
+    key: str
+    versus: Optional[str] = None
+    versus_name: str = ""
+
+    def format(self, metrics: Mapping[str, Any]) -> str:
+        if self.key not in metrics:
+            return f"{self.label} not measured"
+        text = f"{self.label} {100 * metrics[self.key]:.1f}%"
+        if self.versus and self.versus in metrics:
+            text += f" ({100 * (metrics[self.key] - metrics[self.versus]):+.1f} over {self.versus_name})"
+        return text
+
+
 @dataclass
 class NoArgs:
     """A stage without keys of its own."""
@@ -50,6 +68,9 @@ class PEStage(L.LightningModule):
     Args: ClassVar[type] = NoArgs
     roles: ClassVar[tuple[str, ...]] = ("init",)
     headline_metrics: ClassVar[tuple[str, ...]] = ()
+    headline: ClassVar[Optional[Headline]] = None  # the one figure `status` prints (None: the first metric)
+    # Why the stage must train at one resolution (None: progressive resolution is allowed).
+    one_resolution_because: ClassVar[Optional[str]] = None
 
     def __init__(self, cfg: DictConfig, parents: Optional[Mapping[str, Export]] = None, fresh: bool = True):
         """`parents`: role -> Export. A fresh stage loads its `init` parent's weights; a resumed one gets them
@@ -212,6 +233,10 @@ class PEStage(L.LightningModule):
         if too_large:
             raise RecipeError(f"train.phases resolution {too_large[0]} exceeds data.image_size {data.image_size}: "
                               "the loader emits data.image_size; raise it")
+        resolutions = sorted({p.resolution for p in schedule})
+        if self.one_resolution_because and len(resolutions) > 1:
+            raise RecipeError(f"train.phases: the {self.name} stage trains at one resolution "
+                              f"({self.one_resolution_because}), got {resolutions}; give every phase the same one")
         return schedule
 
     @property
@@ -297,6 +322,23 @@ class PEStage(L.LightningModule):
         if not self.training_finished:
             self.finish_training()
             self.training_finished = True
+
+    def on_train_end(self) -> None:
+        """Bad samples skipped during the stage, per reason, summed over ranks, into metrics.json:
+        `data_skipped` (the total, 0 when nothing was skipped) and `skipped_<part>_<reason>` for each reason
+        met (`skipped_bad_image`, `skipped_video_bad_video`, ...). Every rank calls it (a collective)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        counts = dict(datamodule.skipped()) if hasattr(datamodule, "skipped") else {}
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            everyone: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(everyone, counts)
+            counts = {}
+            for rank_counts in everyone:
+                for key, n in rank_counts.items():
+                    counts[key] = counts.get(key, 0) + n
+        self.metrics["data_skipped"] = int(sum(counts.values()))
+        for key, n in counts.items():
+            self.metrics["skipped_" + key.replace("/", "_")] = int(n)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         torch.manual_seed(self.cfg.seed * 1_000_003 + self.global_step * 7919 + self.global_rank)

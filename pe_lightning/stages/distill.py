@@ -51,7 +51,7 @@ from pe_lightning.config import RecipeError
 from pe_lightning.data.transforms import derive_seed
 from pe_lightning.exports import MODEL_JSON, Export
 from pe_lightning.models.checkpoint import CheckpointError
-from pe_lightning.stages.base import PEStage
+from pe_lightning.stages.base import Headline, PEStage
 from pe_lightning.stages.distill_losses import ClipDistillLoss
 from pe_lightning.stages.losses import clamp_logit_scale, clip_loss
 from pe_lightning.stages.optim import build_optimizer, param_groups, set_lr
@@ -100,6 +100,7 @@ class DistillStage(PEStage):
     Args = DistillArgs
     roles = ("init", "teacher")
     headline_metrics = ("zeroshot_top1", "scratch_zeroshot_top1", "teacher_zeroshot_top1")
+    headline = Headline("zero-shot top-1", "zeroshot_top1", "scratch_zeroshot_top1", "scratch")
 
     def __init__(self, cfg, parents=None, fresh: bool = True):
         self.scratch: Optional[nn.Module] = None

@@ -51,9 +51,9 @@ from pe_lightning.data.datamodule import InstructionDataModule
 from pe_lightning.data.instruction import InstructionDecoder
 from pe_lightning.data.transforms import resize_to
 from pe_lightning.exports import Export, write_model_json
-from pe_lightning.stages.base import PEStage
+from pe_lightning.stages.base import Headline, PEStage
 from pe_lightning.stages.optim import WarmupCosine, build_optimizer, no_weight_decay
-from pe_lightning.stages.phases import Phase, PhaseSchedule
+from pe_lightning.stages.phases import Phase
 
 LANG_JSON = "lang.json"
 LM_FOLDER = "lm"
@@ -151,6 +151,8 @@ class LangStage(PEStage):
     headline_metrics = ("vqa_exact_match", "vqa_blind_exact_match", "vqa_colour_exact_match",
                         "vqa_shape_exact_match", "vqa_count_exact_match", "vqa_size_exact_match",
                         "vqa_position_exact_match", "vqa_yesno_exact_match")
+    one_resolution_because = "the number of image tokens is part of every tokenized sample"
+    headline = Headline("VQA exact match", "vqa_exact_match", "vqa_blind_exact_match", "blind")
 
     def __init__(self, cfg, parents=None, fresh: bool = True):
         a = cfg[self.name] if self.name in cfg else LangArgs()
@@ -227,14 +229,6 @@ class LangStage(PEStage):
         self.model.visual.compile(dynamic=False)
 
     # ----- schedule and data -----
-    def build_schedule(self, world_size: int = 1) -> PhaseSchedule:
-        schedule = super().build_schedule(world_size)
-        resolutions = sorted({p.resolution for p in schedule})
-        if len(resolutions) > 1:
-            raise RecipeError(f"train.phases: the lang stage trains at one resolution (the number of image tokens "
-                              f"is part of every tokenized sample), got {resolutions}")
-        return schedule
-
     @property
     def resolution(self) -> int:
         return next(iter(self.schedule)).resolution

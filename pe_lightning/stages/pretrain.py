@@ -13,7 +13,7 @@ import torch
 
 from pe_lightning.data.transforms import resize_to
 from pe_lightning.exports import Export
-from pe_lightning.stages.base import PEStage
+from pe_lightning.stages.base import Headline, PEStage
 from pe_lightning.stages.losses import clamp_logit_scale, clip_loss, mask_feature_loss
 from pe_lightning.stages.phases import Phase
 
@@ -50,6 +50,7 @@ class PretrainStage(PEStage):
     name = "pretrain"
     Args = PretrainArgs
     headline_metrics = ("zeroshot_top1", "zeroshot_heldout_top1", "retrieval_i2t_r1", "retrieval_t2i_r1")
+    headline = Headline("zero-shot top-1", "zeroshot_top1")
 
     def build_model(self, init: Optional[Export]):
         model = super().build_model(init)

@@ -43,10 +43,10 @@ from torch import nn
 from pe_lightning.config import RecipeError
 from pe_lightning.data.transforms import resize_to
 from pe_lightning.exports import Export, write_model_json
-from pe_lightning.stages.base import PEStage
+from pe_lightning.stages.base import Headline, PEStage
 from pe_lightning.stages.dense_losses import (TOKEN_POLICIES, gram_mse_loss, self_distill_loss, standardise_by_teacher,
                                               token_selection)
-from pe_lightning.stages.phases import Phase, PhaseSchedule
+from pe_lightning.stages.phases import Phase
 
 CLASS_TOKEN_POLICIES = ("ignore", "self_distill")
 DISTILL_SPACES = ("raw", "standardised")
@@ -119,6 +119,8 @@ class SpatialStage(PEStage):
     roles = ("init", "teacher")
     headline_metrics = ("dense_miou", "parent_dense_miou", "parent_dense_miou_best", "parent_dense_best_layer",
                         "parent_zeroshot_top1")
+    one_resolution_because = "its cached teacher target is on one token grid"
+    headline = Headline("dense mIoU", "dense_miou", "parent_dense_miou", "the parent")
 
     def __init__(self, cfg, parents=None, fresh: bool = True):
         self._check_args(cfg[self.name] if self.name in cfg else SpatialArgs())
@@ -195,15 +197,7 @@ class SpatialStage(PEStage):
                 return self._parents_built[role]
         return None
 
-    # ----- one resolution -----
-    def build_schedule(self, world_size: int = 1) -> PhaseSchedule:
-        schedule = super().build_schedule(world_size)
-        resolutions = sorted({p.resolution for p in schedule})
-        if len(resolutions) > 1:
-            raise RecipeError(f"train.phases: the spatial stage trains at one resolution (its cached teacher target "
-                              f"is on one token grid), got {resolutions}; give every phase the same resolution")
-        return schedule
-
+    # ----- the token grid -----
     @property
     def token_grid(self) -> int:
         """g: the side of the student's token grid at the stage's resolution (the cache's `tokens`)."""

@@ -38,7 +38,7 @@ from torch import nn
 from pe_lightning.config import RecipeError
 from pe_lightning.data.transforms import derive_seed, resize_to
 from pe_lightning.exports import Export
-from pe_lightning.stages.base import PEStage
+from pe_lightning.stages.base import Headline, PEStage
 from pe_lightning.stages.losses import clamp_logit_scale, clip_loss, mask_feature_loss
 from pe_lightning.stages.phases import Phase, PhaseSchedule
 from pe_lightning.stages.pretrain import MaskRegArgs, random_patch_mask
@@ -75,6 +75,7 @@ class VideoStage(PEStage):
     roles = ("init",)
     headline_metrics = ("video_t2v_r1", "video_v2t_r1", "video_zeroshot_top1", "video_motion_top1",
                         "video_axis_top1", "zeroshot_top1")
+    headline = Headline("video t2v R@1", "video_t2v_r1", "parent_video_t2v_r1", "the parent")
 
     def __init__(self, cfg, parents=None, fresh: bool = True):
         blend = float(cfg.video.parent_blend) if "video" in cfg else 0.0
@@ -226,18 +227,3 @@ class VideoStage(PEStage):
                 if name in parent and tensor.is_floating_point():
                     tensor.lerp_(parent[name].to(tensor), blend)
         self.metrics["parent_blend"] = blend
-
-    def on_train_end(self) -> None:
-        """Bad samples skipped during the stage, per part and reason, summed over ranks, into metrics.json
-        (`skipped_video_bad_video`, `skipped_image_bad_image`, ...)."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        counts = dict(datamodule.skipped()) if datamodule is not None and hasattr(datamodule, "skipped") else {}
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            everyone: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(everyone, counts)
-            counts = {}
-            for rank_counts in everyone:
-                for key, n in rank_counts.items():
-                    counts[key] = counts.get(key, 0) + n
-        for key, n in counts.items():
-            self.metrics["skipped_" + key.replace("/", "_")] = int(n)
