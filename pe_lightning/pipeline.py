@@ -165,15 +165,8 @@ def export_stage(module: Any, cfg: DictConfig, sdir: StageDir) -> None:
 
 def build_stage(cfg: DictConfig, pipeline: Pipeline, ckpt: Path | None):
     """The stage module with its parents read (before anything is written, so bad weights leave no folder)."""
-    import torch
-
     stage_cls = stage_class(cfg.stage)
     parents = parent_exports(cfg, pipeline, fresh=ckpt is None)
-    # A stage's compiled kernels must not depend on what ran before it in the process (`make pipeline` runs
-    # every stage in one): the shapes of earlier stages count toward dynamo's recompile limit, and hitting it
-    # switches the compiled LAMB update to eager mid-stage, so an uninterrupted pipeline would differ in float
-    # rounding from one resumed in a fresh process (found by the kill soak, tests/kill_soak.py).
-    torch._dynamo.reset()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     return stage_cls(cfg, parents=parents, fresh=ckpt is None)
 
