@@ -67,12 +67,6 @@ class FusedLamb(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.max_grad_norm = max_grad_norm
         self.compile = compile
-        if compile:
-            # Every (weight decay, betas, eps) of every optimizer in the process is one more compiled variant of
-            # the update: `make pipeline` runs all stages in one process, and at dynamo's default limit of 8 the
-            # distill stage fell back to eager mid-pipeline, rounding differently from the same stage resumed in
-            # a fresh process (found by the kill soak, tests/kill_soak.py). The variants are few and small.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._update: Callable[..., None] = (
             torch.compile(lamb_tensor_update, fullgraph=True, dynamic=True) if compile else lamb_tensor_update)
         self._scalars: Optional[Tensor] = None
