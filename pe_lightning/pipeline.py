@@ -226,13 +226,14 @@ def stage_overrides(pipeline: Pipeline, overrides: list[str]) -> dict[str, list[
     shares: dict[str, list[str]] = {stage: [] for stage in pipeline}
     for word in overrides:
         key, eq, _ = word.partition("=")
-        stage, colon, rest = key.partition(":")
+        stage, colon, _ = key.partition(":")
+        section = key.partition(".")[0]
         if eq and colon:
             if stage not in shares:
                 raise PipelineError(f"{word}: {stage!r} is not a stage of the pipeline; stages: {list(shares)}")
             shares[stage].append(word[len(stage) + 1:])
-        elif key.partition(".")[0] in shares:  # a stage's own section (lang.lm=...): that stage's key
-            shares[key.partition(".")[0]].append(word)
+        elif section in shares:  # a stage's own section (lang.lm=...): that stage's key
+            shares[section].append(word)
         elif key == "init":
             for root in (s for s, parents in pipeline.items() if not parents):
                 shares[root].append(word)

@@ -17,8 +17,6 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Optional
-
 from pe_lightning.errors import UserError
 from pe_lightning.eval import plots
 from pe_lightning.io import write_text_atomic
@@ -158,9 +156,9 @@ def write_report(run_dir: Path) -> Path:
     return out
 
 
-def main(args: list[str], runs_dir: Optional[str] = None) -> Path:
+def main(args: list[str]) -> Path:
     opts = dict(a.partition("=")[::2] for a in args)
     unknown = sorted(set(opts) - {"run", "runs_dir"})
     if unknown:
         raise ReportError(f"report: unexpected argument(s) {unknown}; usage: pe-lightning report run=NAME [runs_dir=runs]")
-    return write_report(Path(opts.get("runs_dir", runs_dir or "runs")) / opts.get("run", "default"))
+    return write_report(Path(opts.get("runs_dir", "runs")) / opts.get("run", "default"))

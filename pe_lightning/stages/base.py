@@ -68,7 +68,7 @@ class PEStage(L.LightningModule):
     Args: ClassVar[type] = NoArgs
     roles: ClassVar[tuple[str, ...]] = ("init",)
     headline_metrics: ClassVar[tuple[str, ...]] = ()
-    headline: ClassVar[Optional[Headline]] = None  # the one figure `status` prints (None: the first metric)
+    headline: ClassVar[Optional[Headline]] = None  # the one figure of `status` and the report (None: none)
     # Why the stage must train at one resolution (None: progressive resolution is allowed).
     one_resolution_because: ClassVar[Optional[str]] = None
 
