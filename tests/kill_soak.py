@@ -43,8 +43,6 @@ def pipeline_command(world: Path, runs: Path) -> list[str]:
     """The tiny pipeline: shared tiny keys for every stage, each stage's smoke keys for it alone."""
     shared = [f"data.root={world}", "data.generate=false", "data.image_size=32", "data.workers=1",
               f"runs_dir={runs}", *TINY_MODEL, *TINY_SCHEDULE, "trainer.threads=1",
-              # eager LAMB: compiled kernels depend on the process's compile history (see the README's soak note)
-              "optim.compile=false",
               "callbacks=[{name: checkpoint}]"]
     own = [f"{stage}:{word}" for stage, words in SMOKE.items() for word in words]
     return [sys.executable, "-m", "pe_lightning.cli", "pipeline", f"run={RUN}", *shared, *own]

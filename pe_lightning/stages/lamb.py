@@ -13,8 +13,9 @@ many times the weights are read and written. `lamb_tensor_update` is the whole u
 turns it into two fused kernels (moments + update + the two norms, then the apply): about ten passes instead
 of ~25. It is compiled once with a dynamic size for all tensors (flattened to 1-D) -- one graph over every
 tensor would fuse further but takes ~1 s of Inductor time per tensor to build (minutes for PE-Core-B). The
-numbers that change every step (learning rate, bias corrections, clip factor) are device tensors, so no step
-recompiles and none reads a value back to the host. tests/test_lamb.py checks the steps against timm's `Lamb`.
+numbers that change every step (learning rate, bias corrections, clip factor) and the hyper-parameters are
+device tensors, so no step, group or stage recompiles and none reads a value back to the host.
+tests/test_lamb.py checks the steps against timm's `Lamb`.
 """
 
 from __future__ import annotations
@@ -31,21 +32,35 @@ __all__ = ["FusedLamb", "lamb_tensor_update"]
 
 
 def lamb_tensor_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, scalars: Tensor,
-                       clip: Tensor, weight_decay: float, beta1: float, beta2: float, eps: float) -> None:
-    """One LAMB step of one (1-D) tensor, in place. scalars = (lr, 1 - beta1^t, 1 - beta2^t); the gradient is
-    divided by `clip` (>= 1). Plain tensor code with static Python constants, so torch.compile takes it whole."""
+                       clip: Tensor) -> None:
+    """One LAMB step of one (1-D) tensor, in place; the gradient is divided by `clip` (>= 1).
+
+    scalars = (lr, 1 - beta1^t, 1 - beta2^t, beta1, beta2, eps, weight_decay): every hyper-parameter is a tensor,
+    not a Python constant, so one compiled graph serves every group of every optimizer in the process. With
+    constants, each (betas, eps, weight decay) of each stage was a variant of its own; `make pipeline` runs all
+    stages in one process, hit dynamo's recompile limit and fell back to eager mid-pipeline, which rounds
+    differently from a stage resumed in a fresh process (found by tests/kill_soak.py). A group without weight
+    decay takes plain Adam steps (timm's always_adapt=False): its trust ratio is 1."""
     lr, bias_correction1, bias_correction2 = scalars[0], scalars[1], scalars[2]
+    beta1, beta2, eps, weight_decay = scalars[3], scalars[4], scalars[5], scalars[6]
     grad = grad / clip
     exp_avg.lerp_(grad, 1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    exp_avg_sq.mul_(beta2).add_(grad * grad * (1.0 - beta2))
     update = (exp_avg / bias_correction1) / ((exp_avg_sq / bias_correction2).sqrt() + eps)
-    if weight_decay:
-        update = update + weight_decay * param
-        w_norm, u_norm = torch.linalg.vector_norm(param), torch.linalg.vector_norm(update)
-        ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0)
-        param.add_(update * (-lr * ratio))
-    else:
-        param.add_(update * -lr)
+    update = update + weight_decay * param
+    w_norm, u_norm = torch.linalg.vector_norm(param), torch.linalg.vector_norm(update)
+    ratio = torch.where((weight_decay > 0) & (w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0)
+    param.add_(update * (-lr * ratio))
+
+
+def _flat(tensor: Tensor) -> Tensor:
+    """The tensor's memory as a 1-D tensor that is not a view: one compiled graph serves every shape (only the
+    length is dynamic). A `view(-1)` would do the same math, but dynamo guards on a view's base, so each rank of
+    parameter (biases, matrices, the patch convolution) was a compiled variant of its own."""
+    if not tensor.is_contiguous():
+        raise RuntimeError(f"FusedLamb needs contiguous parameters, gradients and states; got strides "
+                           f"{tensor.stride()} for shape {tuple(tensor.shape)}")
+    return tensor.new_empty(0).set_(tensor.untyped_storage(), tensor.storage_offset(), (tensor.numel(),), (1,))
 
 
 class FusedLamb(torch.optim.Optimizer):
@@ -69,7 +84,7 @@ class FusedLamb(torch.optim.Optimizer):
         self.compile = compile
         self._update: Callable[..., None] = (
             torch.compile(lamb_tensor_update, fullgraph=True, dynamic=True) if compile else lamb_tensor_update)
-        self._scalars: Optional[Tensor] = None
+        self._scalars: list[Tensor] = []
         self.last_grad_norm: Optional[Tensor] = None
 
     def _state(self, param: Tensor) -> tuple[Tensor, Tensor]:
@@ -79,15 +94,18 @@ class FusedLamb(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         return state["exp_avg"], state["exp_avg_sq"]
 
-    def _set_scalars(self, groups: list[dict], device: torch.device) -> Tensor:
-        """Each group's (lr, bias corrections) in a persistent device tensor. `fill_` with a Python number is a
-        kernel argument, not a host-to-device copy, so the step never waits for the device."""
-        if self._scalars is None or self._scalars.shape[0] != len(groups) or self._scalars.device != device:
-            self._scalars = torch.zeros(len(groups), 3, dtype=torch.float32, device=device)
+    def _set_scalars(self, groups: list[dict], device: torch.device) -> list[Tensor]:
+        """Each group's (lr, bias corrections, betas, eps, weight decay) in a persistent device tensor of its own
+        (rows of one matrix would differ in storage offset, and each offset would be a compiled variant). `fill_`
+        with a Python number is a kernel argument, not a host-to-device copy, so the step never waits."""
+        if len(self._scalars) != len(groups) or any(row.device != device for row in self._scalars):
+            self._scalars = [torch.zeros(7, dtype=torch.float32, device=device) for _ in groups]
         for row, group in zip(self._scalars, groups):
             step = int(group["step"].item())  # a CPU tensor: no device sync
             beta1, beta2 = group["betas"]
-            for column, value in enumerate((group["lr"], 1.0 - beta1 ** step, 1.0 - beta2 ** step)):
+            values = (group["lr"], 1.0 - beta1 ** step, 1.0 - beta2 ** step, beta1, beta2, group["eps"],
+                      group["weight_decay"])
+            for column, value in enumerate(values):
                 row[column].fill_(value)
         return self._scalars
 
@@ -117,13 +135,9 @@ class FusedLamb(torch.optim.Optimizer):
         clip = self._clip_factor(grads)
         scalars = self._set_scalars([group for group, _ in trained], clip.device)
         for (group, params), group_scalars in zip(trained, scalars):
-            beta1, beta2 = group["betas"]
-            weight_decay, eps = float(group["weight_decay"]), float(group["eps"])
             for p in params:
                 exp_avg, exp_avg_sq = self._state(p)
-                # 1-D views: one compiled graph serves every shape (only the length is dynamic)
-                self._apply(p.view(-1), p.grad.view(-1), exp_avg.view(-1), exp_avg_sq.view(-1), group_scalars,
-                            clip, weight_decay, beta1, beta2, eps)
+                self._apply(_flat(p), _flat(p.grad), _flat(exp_avg), _flat(exp_avg_sq), group_scalars, clip)
         return loss
 
     def _apply(self, *args: Any) -> None:
