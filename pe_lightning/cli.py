@@ -4,6 +4,7 @@
   pe-lightning pipeline [run=NAME] [probes=false] [key=value ...]
   pe-lightning status [run=NAME] [runs_dir=runs]
   pe-lightning report [run=NAME] [runs_dir=runs]      runs/<run>/report.md + PNGs
+  pe-lightning ablation [ladder=FILE] [run=ablation] [rungs=0,7] [seeds=0] [repeat_seeds=1,2] [key=value ...]
   pe-lightning data shapes --out DIR [--train N] [--seed S] [--size PX]
   pe-lightning probe run=NAME [stage=S | weights=PATH model=PRESET] [layers=1,2,4]
   pe-lightning probe compare OUT.png EXPORT_OR_PROBE_JSON ...
@@ -67,6 +68,12 @@ def _report(args: list[str]) -> None:
     print(report_main(args))
 
 
+def _ablation(args: list[str]) -> None:
+    from pe_lightning.ablation import main as ablation_main
+
+    ablation_main(args)
+
+
 def _data(args: list[str]) -> None:
     if not args or args[0] != "shapes":
         raise SystemExit("usage: pe-lightning data shapes --out DIR [--train N] [--seed S] [--size PX]")
@@ -116,8 +123,8 @@ def _configure_logging() -> None:
     ours.propagate = False
 
 
-COMMANDS = {"train": _train, "pipeline": _pipeline, "status": _status, "report": _report, "data": _data,
-            "probe": _probe, "teacher": _teacher, "ask": _ask}
+COMMANDS = {"train": _train, "pipeline": _pipeline, "status": _status, "report": _report, "ablation": _ablation,
+            "data": _data, "probe": _probe, "teacher": _teacher, "ask": _ask}
 
 
 def main(argv: list[str] | None = None) -> None:

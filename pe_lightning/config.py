@@ -52,6 +52,12 @@ class OptimSection:
     beta2: float = 0.95
     eps: float = 1e-6
     warmup_samples: int = 2000  # not published: our choice
+    # lr of the no-decay group (biases, norms, embeddings, learned tokens, the temperature) = lr x this. Not
+    # published: our choice. Under LAMB that group takes plain Adam steps (no trust ratio, timm's and NVLAMB's
+    # always_adapt=False), so LAMB's lr, a step size relative to each weight's norm, is there an absolute one.
+    no_decay_lr_scale: float = 1.0
+    # LAMB: the trust ratio for the no-decay group too (timm's `always_adapt`). Not published: our choice.
+    lamb_always_adapt: bool = False
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # global gradient-norm clip (LAMB clips inside its step; 0 = off)
     compile: bool = True  # LAMB: our FusedLamb, its update compiled (~10 s once; 3x faster steps on CPU and GPU,

@@ -52,6 +52,21 @@ def test_matches_timm_lamb_step_by_step(max_grad_norm):
     assert [int(g["step"]) for g in ours.param_groups] == [int(g["step"]) for g in ref.param_groups] == [6, 6]
 
 
+def test_always_adapt_matches_timm():
+    """`always_adapt` (recipe optim.lamb_always_adapt): the no-decay group takes the trust ratio too, as timm's."""
+    ref_model, ours_model = _net(), _net()
+    ref = Lamb(param_groups(ref_model, 0.1), always_adapt=True, **HYPER)
+    ours = FusedLamb(param_groups(ours_model, 0.1), always_adapt=True, **HYPER)
+    plain_model = _net()
+    plain = FusedLamb(param_groups(plain_model, 0.1), **HYPER)
+    for model, opt in ((ref_model, ref), (ours_model, ours), (plain_model, plain)):
+        _train(model, opt, 4)
+    for a, b in zip(ref_model.parameters(), ours_model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    no_decay = [(p, q) for p, q in zip(plain.param_groups[1]["params"], ours.param_groups[1]["params"])]
+    assert not any(torch.allclose(p, q) for p, q in no_decay)  # the option changed every no-decay step
+
+
 def test_clipping_happens_inside_and_grad_norm_is_reported():
     model = _net()
     opt = FusedLamb(param_groups(model, 0.1), max_grad_norm=1e-3, **HYPER)

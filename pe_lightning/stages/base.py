@@ -276,8 +276,16 @@ class PEStage(L.LightningModule):
         o = self.cfg.optim
         self._check_optimizer_fits_strategy()
         groups = param_groups(self.trainable_module(), o.weight_decay, extra_no_decay=self.no_weight_decay())
+        for group in groups:
+            if group["group_name"] == "no_decay":
+                group["lr_scale"] = float(o.no_decay_lr_scale)
         return build_optimizer(groups, o.name, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps,
-                               grad_clip=o.grad_clip, compile=o.compile)
+                               grad_clip=o.grad_clip, compile=o.compile, **self.optimizer_options())
+
+    def optimizer_options(self) -> dict:
+        """Keyword options of the optimizer beyond the shared ones (LAMB's always_adapt)."""
+        o = self.cfg.optim
+        return {"always_adapt": bool(o.lamb_always_adapt)} if o.name == "lamb" else {}
 
     def no_weight_decay(self) -> tuple[str, ...]:
         """Extra parameter names (dotted suffixes) without weight decay, from the models' own

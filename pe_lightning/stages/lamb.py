@@ -35,21 +35,22 @@ def lamb_tensor_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq:
                        clip: Tensor) -> None:
     """One LAMB step of one (1-D) tensor, in place; the gradient is divided by `clip` (>= 1).
 
-    scalars = (lr, 1 - beta1^t, 1 - beta2^t, beta1, beta2, eps, weight_decay): every hyper-parameter is a tensor,
+    scalars = (lr, 1 - beta1^t, 1 - beta2^t, beta1, beta2, eps, weight_decay, adapt): every hyper-parameter is a
+    tensor,
     not a Python constant, so one compiled graph serves every group of every optimizer in the process. With
     constants, each (betas, eps, weight decay) of each stage was a variant of its own; `make pipeline` runs all
     stages in one process, hit dynamo's recompile limit and fell back to eager mid-pipeline, which rounds
-    differently from a stage resumed in a fresh process (found by tests/kill_soak.py). A group without weight
-    decay takes plain Adam steps (timm's always_adapt=False): its trust ratio is 1."""
+    differently from a stage resumed in a fresh process (found by tests/kill_soak.py). `adapt` 0 (a group
+    without weight decay, unless always_adapt) takes plain Adam steps: its trust ratio is 1."""
     lr, bias_correction1, bias_correction2 = scalars[0], scalars[1], scalars[2]
-    beta1, beta2, eps, weight_decay = scalars[3], scalars[4], scalars[5], scalars[6]
+    beta1, beta2, eps, weight_decay, adapt = scalars[3], scalars[4], scalars[5], scalars[6], scalars[7]
     grad = grad / clip
     exp_avg.lerp_(grad, 1.0 - beta1)
     exp_avg_sq.mul_(beta2).add_(grad * grad * (1.0 - beta2))
     update = (exp_avg / bias_correction1) / ((exp_avg_sq / bias_correction2).sqrt() + eps)
     update = update + weight_decay * param
     w_norm, u_norm = torch.linalg.vector_norm(param), torch.linalg.vector_norm(update)
-    ratio = torch.where((weight_decay > 0) & (w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0)
+    ratio = torch.where((adapt > 0) & (w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0)
     param.add_(update * (-lr * ratio))
 
 
@@ -73,7 +74,8 @@ class FusedLamb(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.01, max_grad_norm: Optional[float] = 1.0, compile: bool = False):
+                 weight_decay: float = 0.01, max_grad_norm: Optional[float] = 1.0, compile: bool = False,
+                 always_adapt: bool = False):
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"FusedLamb: lr, eps and weight_decay must be >= 0 (got {lr}, {eps}, {weight_decay})")
         if max_grad_norm is not None and max_grad_norm <= 0:
@@ -82,6 +84,7 @@ class FusedLamb(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.max_grad_norm = max_grad_norm
         self.compile = compile
+        self.always_adapt = always_adapt  # timm's name: the trust ratio for the no-decay group too
         self._update: Callable[..., None] = (
             torch.compile(lamb_tensor_update, fullgraph=True, dynamic=True) if compile else lamb_tensor_update)
         self._scalars: list[Tensor] = []
@@ -95,16 +98,17 @@ class FusedLamb(torch.optim.Optimizer):
         return state["exp_avg"], state["exp_avg_sq"]
 
     def _set_scalars(self, groups: list[dict], device: torch.device) -> list[Tensor]:
-        """Each group's (lr, bias corrections, betas, eps, weight decay) in a persistent device tensor of its own
+        """Each group's (lr, bias corrections, betas, eps, weight decay, adapt) in a persistent device tensor of its own
         (rows of one matrix would differ in storage offset, and each offset would be a compiled variant). `fill_`
         with a Python number is a kernel argument, not a host-to-device copy, so the step never waits."""
         if len(self._scalars) != len(groups) or any(row.device != device for row in self._scalars):
-            self._scalars = [torch.zeros(7, dtype=torch.float32, device=device) for _ in groups]
+            self._scalars = [torch.zeros(8, dtype=torch.float32, device=device) for _ in groups]
         for row, group in zip(self._scalars, groups):
             step = int(group["step"].item())  # a CPU tensor: no device sync
             beta1, beta2 = group["betas"]
+            adapt = bool(group["weight_decay"]) or self.always_adapt
             values = (group["lr"], 1.0 - beta1 ** step, 1.0 - beta2 ** step, beta1, beta2, group["eps"],
-                      group["weight_decay"])
+                      group["weight_decay"], float(adapt))
             for column, value in enumerate(values):
                 row[column].fill_(value)
         return self._scalars

@@ -107,12 +107,14 @@ def build_optimizer(
     eps: float = 1e-6,
     grad_clip: Optional[float] = None,
     compile: bool = False,
+    always_adapt: bool = False,
     **kwargs: Any,
 ) -> torch.optim.Optimizer:
     """Build the optimizer `name` over `param_groups(model, weight_decay)` (or over given param groups).
 
     - 'lamb': NVLAMB (NVIDIA FusedLAMB semantics, timm's defaults): global gradient-norm clipping at
-      `grad_clip` inside the step, no trust-ratio adaptation for the weight_decay=0 group. With `compile`
+      `grad_clip` inside the step, no trust-ratio adaptation for the weight_decay=0 group unless
+      `always_adapt` (timm's name; recipe `optim.lamb_always_adapt`). With `compile`
       (recipe `optim.compile`, the default), our `FusedLamb`: a fused compiled update per tensor, no host
       syncs, ~3x faster than timm's on CPU and GPU. Without it, `timm.optim.Lamb`. The two agree to float
       rounding (tests/test_lamb.py) and share their state layout, so a run may switch between them.
@@ -133,11 +135,11 @@ def build_optimizer(
             from pe_lightning.stages.lamb import FusedLamb
 
             return FusedLamb(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                             max_grad_norm=max_grad_norm, compile=True, **kwargs)
+                             max_grad_norm=max_grad_norm, compile=True, always_adapt=always_adapt, **kwargs)
         from timm.optim import Lamb
 
         return Lamb(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-                    **kwargs)
+                    always_adapt=always_adapt, **kwargs)
     if "fused" not in kwargs and "foreach" not in kwargs:
         if _all_cuda(groups):
             kwargs["fused"] = True

@@ -34,6 +34,16 @@ class PretrainArgs:
     max_logit_scale: float = 100.0  # CLIP's clamp of the temperature
 
 
+def pretrain_flops_per_sample(cfg, resolution: int) -> float:
+    """Training FLOPs of one sample: both towers, plus the vision pass of its share of masked copies."""
+    from pe_lightning.perf import tower_training_flops
+
+    m = cfg.model
+    towers = tower_training_flops(m.preset, resolution, dict(m.vision), dict(m.text))
+    mask = cfg.pretrain.mask_reg
+    return towers["text"] + towers["vision"] * (1.0 + (mask.batch_fraction if mask.enabled else 0.0))
+
+
 def random_patch_mask(batch: int, num_patches: int, ratio: float, device: torch.device) -> torch.Tensor:
     """A boolean [batch, num_patches] mask with exactly round(ratio * num_patches) True per row.
 
@@ -57,6 +67,9 @@ class PretrainStage(PEStage):
         if self.args.mask_reg.enabled and getattr(model.visual, "mask_token", None) is None:
             model.visual.add_mask_token()  # learned; left out of Meta-layout exports
         return model
+
+    def flops_per_sample(self, resolution: int) -> float:
+        return pretrain_flops_per_sample(self.cfg, resolution)
 
     def loss(self, batch: dict, phase: Phase) -> torch.Tensor:
         images = resize_to(batch["image"], phase.resolution)
