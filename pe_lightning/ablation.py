@@ -248,10 +248,11 @@ def figure(rows: list[dict]):
     fig = new_figure(7.5, 4.2)
     ax = fig.add_subplot(1, 1, 1)
     x = list(range(len(rows)))
-    for key, title in (FIGURES[0], FIGURES[1], FIGURES[5], FIGURES[6]):
+    titles = dict(FIGURES)
+    for key in ("zeroshot_top1", "zeroshot_heldout_top1", "robustness", "retrieval_i2t_r1"):
         means = [100 * statistics.fmean(r[key]) if r[key] else math.nan for r in rows]
         spread = [100 * statistics.stdev(r[key]) if len(r[key]) > 1 else 0.0 for r in rows]
-        ax.errorbar(x, means, yerr=spread, marker="o", capsize=3, label=title)
+        ax.errorbar(x, means, yerr=spread, marker="o", capsize=3, label=titles[key])
     ax.set_xticks(x, [r["name"] for r in rows], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("%")
     ax.set_title("PE recipe ladder at equal training FLOPs (each rung adds one change)")

@@ -29,6 +29,12 @@ def test_the_last_rung_is_the_shipped_recipe_and_the_first_is_vanilla():
     assert vanilla.pretrain.mask_reg.enabled is False and vanilla.data.augment.hflip == 0.0
 
 
+def test_the_vanilla_recipe_file_is_rung_0():
+    """`make stage=pretrain recipe=pretrain_vanilla` and the ladder's vanilla rung are one baseline."""
+    vanilla_file = load_stage_recipe("pretrain", recipe="pretrain_vanilla")
+    assert _keys(vanilla_file) == _keys(rung_recipe(read_ladder(), 0, 0, "ablation"))
+
+
 def test_each_rung_adds_only_its_change():
     """Rung k differs from rung k-1 only in the keys change k undoes (the phases: progressive, final)."""
     ladder = read_ladder()
