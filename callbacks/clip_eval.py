@@ -15,16 +15,11 @@ Runs on global rank 0 on the un-wrapped model; the other ranks wait at a barrier
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import lightning as L
 import torch
 
-from pe_lightning.data.classification import load_classification_set
-from pe_lightning.data.retrieval import load_retrieval_set
-from pe_lightning.eval import build_zeroshot_classifier, retrieval_eval, zeroshot_eval
-from pe_lightning.data.transforms import resize_to
-from pe_lightning.models.tokenizer import get_tokenizer
+from pe_lightning.eval.clip_sets import clip_figures, missing_sets
 
 log = logging.getLogger("pe_lightning")
 
@@ -45,11 +40,11 @@ class ClipEval(L.Callback):
         self.parent = parent  # also evaluate the parent export at the end, under `parent_` keys
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for entry in [*self.cfg.eval.zeroshot, *self.cfg.eval.retrieval]:
-            if not Path(entry.path).exists():
-                raise FileNotFoundError(f"eval set {entry.name!r}: {entry.path} does not exist. Point the "
-                                        "recipe's eval.zeroshot / eval.retrieval entries at existing folders, "
-                                        "or set eval.zeroshot=[] eval.retrieval=[]")
+        missing = missing_sets(self.cfg)
+        if missing:
+            raise FileNotFoundError(f"eval set {missing[0]} does not exist. Point the recipe's eval.zeroshot / "
+                                    "eval.retrieval entries at existing folders, or set eval.zeroshot=[] "
+                                    "eval.retrieval=[]")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and not pl_module.finished:
@@ -93,33 +88,4 @@ class ClipEval(L.Callback):
                  ", ".join(f"{k}={v:.3f}" for k, v in sorted(shown.items())))
 
     def _run_sets(self, model: torch.nn.Module, pl_module: L.LightningModule) -> dict[str, float]:
-        ev, device = self.cfg.eval, pl_module.device
-        tokenize = get_tokenizer(model.context_length)
-        resolution = pl_module.current_phase.resolution
-        preprocess = lambda images: resize_to(images.to(device), resolution)  # noqa: E731
-        metrics: dict[str, float] = {}
-        for index, entry in enumerate(ev.zeroshot):
-            loader, classnames, templates = load_classification_set(
-                entry.path, self.cfg.data.image_size, ev.batch_size, limit=self.limit)
-            heldout = _read_lines(entry.heldout_classes) if entry.heldout_classes else None
-            classifier = build_zeroshot_classifier(model, tokenize, classnames, templates, device)
-            result = zeroshot_eval(model, loader, classifier, classnames, heldout=heldout,
-                                   factor_names=list(ev.factor_names) or None, preprocess=preprocess)
-            metrics.update(_prefixed(result, f"zeroshot_{entry.name}_"))
-            if index == 0:
-                metrics.update(_prefixed(result, "zeroshot_"))
-        for index, entry in enumerate(ev.retrieval):
-            loader = load_retrieval_set(entry.path, self.cfg.data.image_size, ev.batch_size, limit=self.limit)
-            result = retrieval_eval(model, loader, tokenize, device, preprocess=preprocess)
-            metrics.update(_prefixed(result, f"retrieval_{entry.name}_"))
-            if index == 0:
-                metrics.update(_prefixed(result, "retrieval_"))
-        return metrics
-
-
-def _prefixed(result: dict, prefix: str) -> dict[str, float]:
-    return {prefix + key: float(value) for key, value in result.items()}
-
-
-def _read_lines(path: str) -> list[str]:
-    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+        return clip_figures(model, self.cfg, pl_module.current_phase.resolution, pl_module.device, self.limit)

@@ -4,6 +4,7 @@
   pe-lightning pipeline [run=NAME] [probes=false] [key=value ...]
   pe-lightning status [run=NAME] [runs_dir=runs]
   pe-lightning report [run=NAME] [runs_dir=runs]      runs/<run>/report.md + PNGs
+  pe-lightning eval export=DIR [out=FILE] [key=value ...]  an export's CLIP figures on the recipe's eval sets
   pe-lightning ablation [ladder=FILE] [run=ablation] [rungs=0,7] [seeds=0] [repeat_seeds=1,2] [key=value ...]
   pe-lightning data shapes --out DIR [--train N] [--seed S] [--size PX]
   pe-lightning probe run=NAME [stage=S | weights=PATH model=PRESET] [layers=1,2,4]
@@ -68,6 +69,12 @@ def _report(args: list[str]) -> None:
     print(report_main(args))
 
 
+def _eval(args: list[str]) -> None:
+    from pe_lightning.eval.eval_run import main as eval_main
+
+    raise SystemExit(eval_main(args))
+
+
 def _ablation(args: list[str]) -> None:
     from pe_lightning.ablation import main as ablation_main
 
@@ -123,7 +130,7 @@ def _configure_logging() -> None:
     ours.propagate = False
 
 
-COMMANDS = {"train": _train, "pipeline": _pipeline, "status": _status, "report": _report, "ablation": _ablation,
+COMMANDS = {"train": _train, "pipeline": _pipeline, "status": _status, "report": _report, "eval": _eval, "ablation": _ablation,
             "data": _data, "probe": _probe, "teacher": _teacher, "ask": _ask}
 
 

@@ -120,3 +120,29 @@ def test_global_batch_must_split_into_whole_chunks_per_rank(tiny_world, tmp_path
     bad = _stage_with_trainer(tiny_world, tmp_path, SimpleNamespace(world_size=4), phases, "data.chunk_size=16")
     with pytest.raises(RecipeError, match=r"over 4 processes.*multiple of 4 x data.chunk_size"):
         bad.setup("fit")
+
+
+def test_eval_command_reproduces_the_training_end_figures(finished_run, tiny_world, tmp_path, capsys):
+    """`pe-lightning eval export=DIR data.root=...` scores an export on a recipe's sets at its last training
+    resolution: on the same sets it gives the figures the clip_eval callback wrote at the end of training."""
+    from pe_lightning.cli import main
+
+    cfg, _, export, _ = finished_run
+    out = tmp_path / "figures.json"
+    with pytest.raises(SystemExit) as done:
+        main(["eval", f"export={export}", f"out={out}", f"data.root={tiny_world}", "data.image_size=32"])
+    assert done.value.code == 0
+    figures = json.loads(out.read_text())
+    metrics = json.loads((export / "metrics.json").read_text())
+    for key in ("zeroshot_top1", "zeroshot_heldout_top1", "zeroshot_noise_top1", "retrieval_i2t_r1"):
+        assert figures[key] == pytest.approx(metrics[key], abs=1e-6), key
+    assert '"zeroshot_top1"' in capsys.readouterr().out
+
+
+def test_eval_command_names_a_missing_set(finished_run, tmp_path):
+    from pe_lightning.config import RecipeError
+    from pe_lightning.eval.eval_run import evaluate_export
+
+    _, _, export, _ = finished_run
+    with pytest.raises(RecipeError, match="eval set shapes: .*does not exist.*data.root"):
+        evaluate_export(export, [f"data.root={tmp_path / 'nowhere'}"])
