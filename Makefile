@@ -12,7 +12,7 @@ run ?= default
 comma := ,
 
 .DEFAULT_GOAL := default
-.PHONY: default help setup train pipeline status report soak probe test test-fast bench data clean-venv ask lang-sweep ablation
+.PHONY: default help setup train pipeline status report soak probe test test-fast bench data clean-venv ask lang-sweep ablation eval
 
 default:
 ifdef stage
@@ -34,6 +34,7 @@ help:  ## list the targets
 	@echo "  make test                                       the test suite (CPU)"
 	@echo "  make soak [kills=20]                            the tiny pipeline SIGKILLed until done, exports checked"
 	@echo "  make bench                                      training-step / data benchmarks -> bench/results/"
+	@echo "  make eval export=DIR [data.root=DIR]            an export's zero-shot / retrieval on a recipe's sets"
 	@echo "  make ablation [rungs=0,7] [seeds=0]             the paper's recipe ladder at equal FLOPs -> runs/ablation/"
 	@echo "  make data                                       generate the shapes world into data/shapes"
 	@echo "  make setup                                      create .venv with the pinned dependencies"
@@ -68,6 +69,9 @@ soak: $(STAMP)
 
 report: $(STAMP)
 	@$(VENV)/bin/pe-lightning report $(OVERRIDES)
+
+eval: $(STAMP)
+	@$(VENV)/bin/pe-lightning eval $(OVERRIDES)
 
 ablation: $(STAMP)
 	$(VENV)/bin/pe-lightning ablation $(OVERRIDES)
