@@ -121,10 +121,19 @@ def rung_recipe(ladder: Ladder, rung: int, seed: int, run: str, extra: Sequence[
 
 
 def flops_per_sample(cfg: DictConfig, resolution: int) -> float:
-    """Training FLOPs of one pretrain sample at `resolution` (`PretrainStage.flops_per_sample`)."""
-    from pe_lightning.stages.pretrain import pretrain_flops_per_sample
+    """Training FLOPs of one pretrain sample at `resolution` (`PretrainStage.flops_per_sample`), counted once
+    per model and resolution (a count builds the model on the meta device: ~1 s)."""
+    m, mask = cfg.model, cfg.pretrain.mask_reg
+    key = json.dumps([OmegaConf.to_container(m, resolve=True), resolution, bool(mask.enabled),
+                      float(mask.batch_fraction)], sort_keys=True)
+    if key not in _FLOPS:
+        from pe_lightning.stages.pretrain import pretrain_flops_per_sample
 
-    return pretrain_flops_per_sample(cfg, resolution)
+        _FLOPS[key] = pretrain_flops_per_sample(cfg, resolution)
+    return _FLOPS[key]
+
+
+_FLOPS: dict[str, float] = {}
 
 
 def phases_of(cfg: DictConfig) -> list[tuple[int, int]]:
