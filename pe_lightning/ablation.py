@@ -254,7 +254,7 @@ def markdown(rows: list[dict]) -> str:
 def figure(rows: list[dict]):
     from pe_lightning.eval.plots import new_figure
 
-    fig = new_figure(7.5, 4.2)
+    fig = new_figure(8.5, 4.2)
     ax = fig.add_subplot(1, 1, 1)
     x = list(range(len(rows)))
     titles = dict(FIGURES)
@@ -266,7 +266,7 @@ def figure(rows: list[dict]):
     ax.set_ylabel("%")
     ax.set_title("PE recipe ladder at equal training FLOPs (each rung adds one change)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: no point hidden
     fig.tight_layout()
     return fig
 
