@@ -23,7 +23,7 @@ import lightning as L
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from pe_lightning.config import RECIPES_DIR, RecipeError, result_keys, to_yaml
+from pe_lightning.config import RECIPES_DIR, RecipeError, recipe_schema, result_keys, to_yaml
 from pe_lightning.errors import UserError
 from pe_lightning.exports import Export
 from pe_lightning.io import replace_dir_atomic, write_text_atomic
@@ -126,8 +126,11 @@ def parent_exports(cfg: DictConfig, pipeline: Pipeline, fresh: bool = True) -> d
 
 
 def config_changes(saved: DictConfig, current: DictConfig) -> list[str]:
-    """Keys whose values differ between a saved and a current recipe, among those that change results."""
+    """Keys whose values differ between a saved and a current recipe, among those that change results. A key
+    the saved recipe lacks (a run started before the key existed) counts at its schema default."""
     old, new = result_keys(saved), result_keys(current)
+    defaults = result_keys(recipe_schema(str(current.stage), stage_class(str(current.stage)).Args))
+    old = {**{k: v for k, v in defaults.items() if k in new}, **old}
     return sorted(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 

@@ -147,6 +147,18 @@ def test_resume_refuses_a_changed_recipe_and_lists_the_keys(tmp_path):
     assert resume_checkpoint(changed, sdir) == sdir.checkpoint
 
 
+def test_resume_of_a_run_older_than_a_key_counts_the_key_at_its_default(tmp_path):
+    """A run started before a recipe key existed resumes when the key is at its schema default (it behaved so),
+    and is refused when the recipe moves the key away from it."""
+    old = OmegaConf.to_container(recipe(tmp_path, "pretrain", "optim.no_decay_lr_scale=1.0"))
+    del old["optim"]["no_decay_lr_scale"]  # the saved config.yaml of a run from before the key
+    old = OmegaConf.create(old)
+    sdir = _unfinished(tmp_path, old)
+    assert resume_checkpoint(recipe(tmp_path, "pretrain", "optim.no_decay_lr_scale=1.0"), sdir) == sdir.checkpoint
+    with pytest.raises(PipelineError, match=r"optim.no_decay_lr_scale: 1.0 -> 0.5"):
+        resume_checkpoint(recipe(tmp_path, "pretrain", "optim.no_decay_lr_scale=0.5"), sdir)
+
+
 def test_status_reports_each_state(tmp_path, only_pretrain):
     assert "not started" in status(str(tmp_path), "r").splitlines()[1]
     sdir = StageDir(tmp_path / "r" / "pretrain")
