@@ -150,13 +150,7 @@ def phases_of(cfg: DictConfig) -> list[tuple[int, int]]:
 
 
 def training_flops(cfg: DictConfig) -> float:
-    per_res: dict[int, float] = {}
-    total = 0.0
-    for samples, res in phases_of(cfg):
-        if res not in per_res:
-            per_res[res] = flops_per_sample(cfg, res)
-        total += samples * per_res[res]
-    return total
+    return sum(samples * flops_per_sample(cfg, res) for samples, res in phases_of(cfg))
 
 
 def match_flops(cfg: DictConfig, budget: float) -> DictConfig:
