@@ -14,7 +14,9 @@ def test_layers_merge_in_order():
     assert cfg.optim.name == "lamb" and cfg.optim.lr == pytest.approx(3e-3)  # stage file + pretrain/tiny.yaml
     assert [p.resolution for p in cfg.train.phases] == [48, 64]  # pretrain/tiny.yaml (the stage's scale)
     assert cfg.pretrain.mask_reg.enabled and cfg.pretrain.max_logit_scale == 100  # the stage's own Args
-    assert cfg.data.augment.crop_scale_min == pytest.approx(0.8)  # data/shapes.yaml
+    assert cfg.data.augment.crop_ratio_min == pytest.approx(0.9)  # data/shapes.yaml
+    assert cfg.data.augment.crop_scale_min == pytest.approx(0.9)  # pretrain/tiny.yaml over data/shapes.yaml's 0.8
+    assert load_stage_recipe("video").data.augment.crop_scale_min == pytest.approx(0.8)  # no scale layer sets it
     assert cfg.eval.zeroshot[0].path == "data/shapes/zeroshot/test"  # data/shapes.yaml, interpolation resolved
     assert [c.name for c in cfg.callbacks] == ["checkpoint", "throughput", "clip_eval"]  # the stage's own list
 
