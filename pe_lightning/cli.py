@@ -130,8 +130,8 @@ def _configure_logging() -> None:
     ours.propagate = False
 
 
-COMMANDS = {"train": _train, "pipeline": _pipeline, "status": _status, "report": _report, "eval": _eval, "ablation": _ablation,
-            "data": _data, "probe": _probe, "teacher": _teacher, "ask": _ask}
+COMMANDS = {"train": _train, "pipeline": _pipeline, "status": _status, "report": _report, "eval": _eval,
+            "ablation": _ablation, "data": _data, "probe": _probe, "teacher": _teacher, "ask": _ask}
 
 
 def main(argv: list[str] | None = None) -> None:

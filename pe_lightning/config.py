@@ -22,6 +22,8 @@ from pe_lightning.data.config import DataConfig
 from pe_lightning.errors import UserError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# Files at the top of recipes/ that are not a stage's recipe: the shared base, the stage graph, the ladder.
+NOT_STAGE_FILES = ("base.yaml", "pipeline.yaml", "ablation.yaml")
 
 
 class RecipeError(UserError, ValueError):
@@ -188,7 +190,7 @@ def load_recipe(stage: str, overrides: list[str] | None = None, recipes_dir: Pat
     cli = OmegaConf.from_dotlist(parse_overrides(overrides or []))
     stage_file = recipes_dir / f"{recipe or stage}.yaml"
     if not stage_file.exists():
-        known = sorted(p.stem for p in recipes_dir.glob("*.yaml") if p.stem not in ("base", "pipeline"))
+        known = sorted(p.stem for p in recipes_dir.glob("*.yaml") if p.name not in NOT_STAGE_FILES)
         raise RecipeError(f"no recipe file {stage_file} for stage {stage!r}; recipe files: {known}")
     base = _yaml_layer(recipes_dir / "base.yaml")
     stage_layer = _yaml_layer(stage_file)

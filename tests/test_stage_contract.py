@@ -22,7 +22,7 @@ import torch
 from conftest import stop_after, tiny_run
 from test_lang_stage import lang_smoke
 from pe_lightning import stages
-from pe_lightning.config import RECIPES_DIR
+from pe_lightning.config import NOT_STAGE_FILES, RECIPES_DIR
 from pe_lightning.exports import Export
 from pe_lightning.pipeline import PipelineError, StageDir, read_pipeline, run_stage
 from pe_lightning.stages import STAGES, load_stage_recipe
@@ -181,7 +181,7 @@ def test_gradient_clipping_is_the_stages(tiny_world, tmp_path):
 
 # ----- recipes --------------------------------------------------------------------------------------------
 def _recipe_files() -> list[Path]:
-    return sorted(p for p in RECIPES_DIR.rglob("*.yaml") if p.name not in ("base.yaml", "pipeline.yaml")
+    return sorted(p for p in RECIPES_DIR.rglob("*.yaml") if p.name not in NOT_STAGE_FILES
                   and p.parent.name not in ("models", "data"))
 
 
