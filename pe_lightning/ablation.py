@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from pe_lightning.config import RECIPES_DIR, RecipeError
+from pe_lightning.config import RECIPES_DIR, RecipeError, split_words
 from pe_lightning.io import write_text_atomic
 
 log = logging.getLogger("pe_lightning")
@@ -205,15 +205,11 @@ def rung_metrics(cfg: DictConfig) -> dict:
     return metrics
 
 
-def _mean_sd(values: list[float], percent: bool) -> str:
+def _percent_mean_sd(values: list[float]) -> str:
     if not values:
         return "-"
-    scale = 100.0 if percent else 1.0
-    mean = statistics.fmean(values) * scale
-    text = f"{mean:.1f}" if percent else f"{mean:.3g}"
-    if len(values) > 1:
-        text += f" ± {statistics.stdev(values) * scale:.1f}" if percent else f" ± {statistics.stdev(values):.2g}"
-    return text
+    text = f"{100 * statistics.fmean(values):.1f}"
+    return text + (f" ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else "")
 
 
 def table_rows(ladder: Ladder, runs: list[Planned]) -> list[dict]:
@@ -224,9 +220,7 @@ def table_rows(ladder: Ladder, runs: list[Planned]) -> list[dict]:
         metrics = [rung_metrics(p.cfg) for p in mine]
         name = ladder.rung_names[rung] + ("" if len(ladder.lr_scales) == 1 else f" (lr {mine[0].cfg.optim.lr:.3g})")
         row = {"rung": rung, "name": name, "lr": float(mine[0].cfg.optim.lr), "seeds": len(metrics)}
-        for key, _ in FIGURES:
-            row[key] = [m[key] for m in metrics if key in m]
-        for key in ("samples_seen", "train_flops", "train_seconds"):
+        for key in (*(key for key, _ in FIGURES), "samples_seen", "train_flops", "train_seconds"):
             row[key] = [m[key] for m in metrics if key in m]
         rows.append(row)
     return rows
@@ -237,7 +231,7 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [str(row["rung"]), row["name"], str(row["seeds"])]
-        cells += [_mean_sd(row[key], percent=True) for key, _ in FIGURES]
+        cells += [_percent_mean_sd(row[key]) for key, _ in FIGURES]
         cells += [f"{statistics.fmean(row['samples_seen']):,.0f}" if row["samples_seen"] else "-",
                   f"{statistics.fmean(row['train_flops']) / 1e9:,.0f}",
                   f"{statistics.fmean(row['train_seconds']):.0f}" if row["train_seconds"] else "-"]
@@ -282,14 +276,7 @@ def write_table(ladder: Ladder, runs: list[Planned], out_dir: Path) -> Path:
 def main(args: list[str]) -> Path:
     """pe-lightning ablation [ladder=FILE] [run=NAME] [rungs=0,7] [seeds=0,1] [repeat_seeds=] [lr_scales=0.5,1,2]
     [key=value ...]: `key=value` words edit the PE recipe of every rung (before its undos)."""
-    picked = {}
-    extra = []
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if sep and key in ("ladder", "run", "rungs", "seeds", "repeat_seeds", "lr_scales"):
-            picked[key] = value
-        else:
-            extra.append(arg)
+    picked, extra = split_words(args, "ladder", "run", "rungs", "seeds", "repeat_seeds", "lr_scales")
     ladder = read_ladder(Path(picked.get("ladder", RECIPES_DIR / "ablation.yaml")))
     for key in ("seeds", "repeat_seeds"):
         if key in picked:

@@ -20,26 +20,16 @@ import logging
 import os
 import sys
 
+from pe_lightning.config import split_words
+
 USAGE = __doc__
-
-
-def _split(args: list[str], *names: str) -> tuple[dict[str, str], list[str]]:
-    """Take `name=value` words for the given names out of the argument list."""
-    taken, rest = {}, []
-    for arg in args:
-        key, _, value = arg.partition("=")
-        if key in names and _:
-            taken[key] = value
-        else:
-            rest.append(arg)
-    return taken, rest
 
 
 def _train(args: list[str]) -> None:
     from pe_lightning.pipeline import run_stage
     from pe_lightning.stages import load_stage_recipe
 
-    picked, overrides = _split(args, "stage", "recipe")
+    picked, overrides = split_words(args, "stage", "recipe")
     if "stage" not in picked:
         raise SystemExit("usage: pe-lightning train stage=NAME [recipe=FILE] [key=value ...]")
     cfg = load_stage_recipe(picked["stage"], overrides, recipe=picked.get("recipe"))
@@ -49,7 +39,7 @@ def _train(args: list[str]) -> None:
 def _pipeline(args: list[str]) -> None:
     from pe_lightning.pipeline import run_pipeline
 
-    picked, overrides = _split(args, "run", "probes")
+    picked, overrides = split_words(args, "run", "probes")
     probes = picked.get("probes", "true").lower()
     if probes not in ("true", "false"):
         raise SystemExit(f"probes={picked['probes']}: expected true or false")
@@ -59,7 +49,7 @@ def _pipeline(args: list[str]) -> None:
 def _status(args: list[str]) -> None:
     from pe_lightning.pipeline import status
 
-    picked, rest = _split(args, "run", "runs_dir", "stage")
+    picked, rest = split_words(args, "run", "runs_dir", "stage")
     print(status(picked.get("runs_dir", "runs"), picked.get("run", "default")))
 
 
@@ -111,7 +101,7 @@ def _ask(args: list[str]) -> None:
 
     from pe_lightning.stages.lang import ask_image, load_lang_export
 
-    picked, rest = _split(args, "run", "runs_dir", "export", "image", "question", "max_new_tokens")
+    picked, rest = split_words(args, "run", "runs_dir", "export", "image", "question", "max_new_tokens")
     question = picked.get("question") or " ".join(rest).strip()
     if "image" not in picked or not question:
         raise SystemExit('usage: pe-lightning ask run=NAME image=PATH "question"  (or export=DIR)')

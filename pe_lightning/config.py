@@ -132,6 +132,19 @@ class RecipeConfig:
 SHORTHANDS = {"model": "model.preset", "data": "data.preset"}
 
 
+def split_words(args: list[str], *names: str) -> tuple[dict[str, str], list[str]]:
+    """Take the command's own `name=value` words (for `names`) out of an argument list; the rest stay
+    recipe overrides."""
+    taken, rest = {}, []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and key in names:
+            taken[key] = value
+        else:
+            rest.append(arg)
+    return taken, rest
+
+
 def parse_overrides(args: list[str]) -> list[str]:
     """Turn `key=value` words into OmegaConf dotlist entries, expanding shorthands."""
     dotlist = []

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pe_lightning.config import RecipeError
+from pe_lightning.config import RecipeError, split_words
 from pe_lightning.eval.clip_sets import clip_figures, missing_sets
 from pe_lightning.exports import Export
 from pe_lightning.io import write_text_atomic
@@ -46,8 +46,7 @@ def evaluate_export(export: str | Path, overrides: list[str]) -> dict[str, float
 
 
 def main(args: list[str]) -> int:
-    picked = {a.partition("=")[0]: a.partition("=")[2] for a in args if a.split("=", 1)[0] in ("export", "out")}
-    rest = [a for a in args if a.split("=", 1)[0] not in ("export", "out")]
+    picked, rest = split_words(args, "export", "out")
     if not picked.get("export"):
         raise SystemExit("usage: pe-lightning eval export=DIR [out=FILE] [key=value ...]")
     figures = evaluate_export(picked["export"], rest)
