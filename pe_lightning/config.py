@@ -257,12 +257,15 @@ def to_yaml(cfg: DictConfig) -> str:
 
 def result_keys(cfg: DictConfig) -> dict[str, Any]:
     """The flattened keys whose change alters a run's result (all but bookkeeping, logging and the compile
-    switches, which change speed, not the math: a run may resume with them flipped)."""
+    switches, which change speed, not the math: a run may resume with them flipped). The settings of a switched
+    off feature (`<section>.enabled: false`) are inert, so they are left out too: only `enabled` counts."""
     cosmetic = ("run", "runs_dir", "resume", "trainer.progress_bar", "trainer.checkpoint_every_n_steps",
                 "trainer.threads", "train.log_every_n_steps", "eval.", "callbacks", "model.compile",
                 "optim.compile")
     flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
-    return {k: v for k, v in flat.items() if not any(k == c or k.startswith(c) for c in cosmetic)}
+    flat = {k: v for k, v in flat.items() if not any(k == c or k.startswith(c) for c in cosmetic)}
+    off = tuple(k[: -len("enabled")] for k, v in flat.items() if k.endswith(".enabled") and v is False)
+    return {k: v for k, v in flat.items() if k.endswith(".enabled") or not k.startswith(off)}
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -154,6 +154,19 @@ def resume_checkpoint(cfg: DictConfig, sdir: StageDir) -> Path | None:
     return sdir.checkpoint
 
 
+def refuse_a_changed_done_stage(cfg: DictConfig, sdir: StageDir) -> None:
+    """A DONE stage is skipped, so its figures would silently stand for a recipe that has changed since (a
+    ladder rung after a default changed): name the changes instead. resume=force keeps the old export."""
+    if cfg.resume == "force" or not sdir.config.exists():
+        return
+    changes = config_changes(OmegaConf.load(sdir.config), cfg)
+    if changes:
+        raise PipelineError(
+            f"{sdir.root} is DONE with another recipe than this command's:\n  " + "\n  ".join(changes)
+            + f"\nDelete {sdir.root} (or use another run=) to train this recipe, or pass resume=force to keep "
+            "the finished export.")
+
+
 def export_stage(module: Any, cfg: DictConfig, sdir: StageDir) -> None:
     """Write export/ through a temporary folder swapped into place, then DONE."""
     def build(tmp: Path) -> None:
@@ -181,6 +194,7 @@ def run_stage(cfg: DictConfig, pipeline: Pipeline | None = None) -> Path:
     pipeline = pipeline if pipeline is not None else read_pipeline()
     sdir = stage_dir(cfg)
     if sdir.done.exists():
+        refuse_a_changed_done_stage(cfg, sdir)
         log.info("stage %s of run %s is DONE (%s); nothing to do", cfg.stage, cfg.run, sdir.export)
         return sdir.export
     ckpt = resume_checkpoint(cfg, sdir)

@@ -90,6 +90,15 @@ def test_result_keys_ignore_bookkeeping_only():
     assert OmegaConf.is_config(a)
 
 
+def test_result_keys_leave_out_the_settings_of_a_switched_off_feature():
+    off = load_stage_recipe("pretrain", ["pretrain.mask_reg.enabled=false"])
+    off_other = load_stage_recipe("pretrain", ["pretrain.mask_reg.enabled=false", "pretrain.mask_reg.weight=3"])
+    on_other = load_stage_recipe("pretrain", ["pretrain.mask_reg.weight=3"])
+    assert result_keys(off) == result_keys(off_other)  # an inert setting: the runs compute the same
+    assert result_keys(off)["pretrain.mask_reg.enabled"] is False
+    assert result_keys(load_stage_recipe("pretrain")) != result_keys(on_other)
+
+
 @pytest.mark.parametrize("overrides, named", [
     (["train.total_samples=60000", "optim.warmup_samples=70000", "train.phases=[]"], "warmup_samples"),
     (["train.phases=[{until_samples: 72000, resolution: 30, batch_size: 64}]"], "multiple of the patch size"),

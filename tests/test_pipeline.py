@@ -103,6 +103,17 @@ def test_done_stage_is_skipped(tmp_path):
     assert run_stage(recipe(tmp_path)) == sdir.export  # returns at once: nothing is trained
 
 
+def test_done_stage_with_another_recipe_is_refused_not_skipped(tmp_path):
+    """A finished run whose recipe has changed since (a ladder rung after the default moved) is named, not
+    silently reported; cosmetic keys do not count; resume=force keeps the old export."""
+    sdir = finish(tmp_path, "pretrain")
+    write_text_atomic(sdir.config, OmegaConf.to_yaml(recipe(tmp_path)))
+    assert run_stage(recipe(tmp_path, "pretrain", "trainer.threads=1")) == sdir.export
+    with pytest.raises(PipelineError, match=r"(?s)DONE with another recipe.*pretrain.mask_reg.weight: .* -> 2.*Delete"):
+        run_stage(recipe(tmp_path, "pretrain", "pretrain.mask_reg.weight=2"))
+    assert run_stage(recipe(tmp_path, "pretrain", "pretrain.mask_reg.weight=2", "resume=force")) == sdir.export
+
+
 def test_unbuilt_stage_is_rejected_not_skipped(tmp_path, only_pretrain):
     finish(tmp_path, "pretrain")
     with pytest.raises(PipelineError, match=r"not available.*available: \['pretrain'"):

@@ -146,3 +146,21 @@ def test_eval_command_names_a_missing_set(finished_run, tmp_path):
     _, _, export, _ = finished_run
     with pytest.raises(RecipeError, match="eval set shapes: .*does not exist.*data.root"):
         evaluate_export(export, [f"data.root={tmp_path / 'nowhere'}"])
+
+
+def test_mask_reg_token_forms_pull_what_they_name(tiny_world, tmp_path):
+    from pe_lightning.config import RecipeError
+    from pe_lightning.stages.pretrain import MaskRegArgs, PretrainStage, mask_reg_loss
+
+    clean = torch.randn(2, 1 + 4, 8)  # [cls] + 4 patches
+    mask = torch.tensor([[True, False, False, False], [False, True, False, False]])
+    masked = clean.clone()
+    masked[0, 1 + 1] = -clean[0, 1 + 1]  # an unmasked position of the masked copy differs
+    assert mask_reg_loss(MaskRegArgs(tokens="masked"), masked, clean, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert mask_reg_loss(MaskRegArgs(tokens="all"), masked, clean, mask).item() == pytest.approx(2.0 / 10, abs=1e-5)
+    masked[1, 1 + 1] = -clean[1, 1 + 1]  # a masked position differs: both forms see it
+    assert mask_reg_loss(MaskRegArgs(tokens="masked"), masked, clean, mask).item() == pytest.approx(1.0, abs=1e-5)
+
+    typo = load_stage_recipe("pretrain", tiny_run(tiny_world, tmp_path, "pretrain.mask_reg.tokens=maskd"))
+    with pytest.raises(RecipeError, match=r"mask_reg.tokens must be one of \('all', 'masked'\), got 'maskd'"):
+        PretrainStage(typo)  # before any training

@@ -39,9 +39,9 @@ from pe_lightning.config import RecipeError
 from pe_lightning.data.transforms import derive_seed, resize_to
 from pe_lightning.exports import Export
 from pe_lightning.stages.base import Headline, PEStage
-from pe_lightning.stages.losses import clamp_logit_scale, clip_loss, mask_feature_loss
+from pe_lightning.stages.losses import clamp_logit_scale, clip_loss
 from pe_lightning.stages.phases import Phase, PhaseSchedule
-from pe_lightning.stages.pretrain import MaskRegArgs, random_patch_mask
+from pe_lightning.stages.pretrain import MaskRegArgs, mask_reg_loss, random_patch_mask
 
 _VIDEO_SEED_TAG = 0x51DE0  # the video stream's seed: independent of the image stream's draws
 
@@ -150,7 +150,7 @@ class VideoStage(PEStage):
         loss_image = clip_loss(image_features, image_text, self.model.logit_scale)
         loss = self.args.video_weight * loss_video + self.args.image_weight * loss_image
         if masked is not None:
-            loss_mask = mask_feature_loss(*masked)
+            loss_mask = mask_reg_loss(self.args.mask_reg, *masked)
             loss = loss + self.args.mask_reg.weight * loss_mask
             self.log("train/loss_mask", loss_mask)
         self.log("train/loss", loss, prog_bar=True)
@@ -162,7 +162,7 @@ class VideoStage(PEStage):
 
     def encode_visual(self, frames: torch.Tensor, images: torch.Tensor):
         """Clip embeddings [Bv, D] (un-normalised mean of the frame embeddings; clip_loss normalises), image
-        embeddings [Bi, D], and (masked tokens, their unmasked targets) for MaskFeat or None.
+        embeddings [Bi, D], and (masked tokens, their unmasked targets, their patch mask) for MaskFeat or None.
 
         Frames, images and the MaskFeat copies go through one vision pass ([Bv*N + Bi (+ Bi/16)] rows, one
         mask over all of them, all-False where nothing is masked): one larger pass keeps a GPU busier."""
@@ -183,7 +183,7 @@ class VideoStage(PEStage):
         frame_tokens, image_tokens = tokens[: b * n], tokens[b * n: rows.shape[0] - extra]
         clip_features = self.model.visual.forward_head(frame_tokens).view(b, n, -1).mean(dim=1)
         image_features = self.model.visual.forward_head(image_tokens)
-        masked = (tokens[rows.shape[0] - extra:], image_tokens[:extra].detach()) if extra else None
+        masked = (tokens[rows.shape[0] - extra:], image_tokens[:extra], mask[rows.shape[0] - extra:]) if extra else None
         return clip_features, image_features, masked
 
     def frame_mask(self, rows: int, patches: int, device: torch.device) -> torch.Tensor:
