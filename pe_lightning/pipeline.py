@@ -145,21 +145,23 @@ def resume_checkpoint(cfg: DictConfig, sdir: StageDir) -> Path | None:
             f"init={cfg.init} asks to start {cfg.stage!r} from new weights, but {sdir.checkpoint} holds an "
             f"unfinished run of it (started from {started_from or 'its pipeline parent'}). Resume it (drop init= "
             f"or repeat the one it started with), or start over by deleting {sdir.root}")
-    if saved is not None and cfg.resume != "force":
-        changes = config_changes(saved, cfg)
-        if changes:
-            raise PipelineError(
-                f"refusing to resume {sdir.root}: the recipe changed since it started:\n  "
-                + "\n  ".join(changes) + "\nRestore these keys, or pass resume=force to resume anyway.")
+    changes = changes_since(saved, cfg)
+    if changes:
+        raise PipelineError(
+            f"refusing to resume {sdir.root}: the recipe changed since it started:\n  "
+            + "\n  ".join(changes) + "\nRestore these keys, or pass resume=force to resume anyway.")
     return sdir.checkpoint
+
+
+def changes_since(saved: DictConfig | None, cfg: DictConfig) -> list[str]:
+    """What a command's recipe changed against a run's saved one: nothing to refuse under resume=force."""
+    return [] if saved is None or cfg.resume == "force" else config_changes(saved, cfg)
 
 
 def refuse_a_changed_done_stage(cfg: DictConfig, sdir: StageDir) -> None:
     """A DONE stage is skipped, so its figures would silently stand for a recipe that has changed since (a
     ladder rung after a default changed): name the changes instead. resume=force keeps the old export."""
-    if cfg.resume == "force" or not sdir.config.exists():
-        return
-    changes = config_changes(OmegaConf.load(sdir.config), cfg)
+    changes = changes_since(OmegaConf.load(sdir.config) if sdir.config.exists() else None, cfg)
     if changes:
         raise PipelineError(
             f"{sdir.root} is DONE with another recipe than this command's:\n  " + "\n  ".join(changes)

@@ -38,16 +38,17 @@ class MaskRegArgs:
 MASK_REG_TOKENS = ("all", "masked")
 
 
-def check_mask_reg(args: MaskRegArgs) -> None:
+def check_mask_reg(args: MaskRegArgs, section: str) -> None:
+    """Called by each stage with a `mask_reg` section before it builds anything (as its other choices are)."""
     if args.tokens not in MASK_REG_TOKENS:
-        raise RecipeError(f"mask_reg.tokens must be one of {MASK_REG_TOKENS}, got {args.tokens!r}")
+        raise RecipeError(f"{section}.mask_reg.tokens must be one of {MASK_REG_TOKENS}, got {args.tokens!r}")
 
 
 def mask_reg_loss(args: MaskRegArgs, masked_tokens: torch.Tensor, clean_tokens: torch.Tensor,
                   mask: torch.Tensor) -> torch.Tensor:
-    """The MaskFeat term of `args.tokens`' form: masked copies' tokens pulled to the clean ones (detached)."""
-    check_mask_reg(args)
-    return mask_feature_loss(masked_tokens, clean_tokens.detach(), mask if args.tokens == "masked" else None)
+    """The MaskFeat term of `args.tokens`' form: masked copies' tokens pulled to the clean ones (which
+    `mask_feature_loss` detaches)."""
+    return mask_feature_loss(masked_tokens, clean_tokens, mask if args.tokens == "masked" else None)
 
 
 @dataclass
@@ -84,9 +85,12 @@ class PretrainStage(PEStage):
     headline_metrics = ("zeroshot_top1", "zeroshot_heldout_top1", "retrieval_i2t_r1", "retrieval_t2i_r1")
     headline = Headline("zero-shot top-1", "zeroshot_top1")
 
+    def __init__(self, cfg, parents=None, fresh: bool = True):
+        check_mask_reg(cfg.pretrain.mask_reg if "pretrain" in cfg else MaskRegArgs(), "pretrain")
+        super().__init__(cfg, parents, fresh)
+
     def build_model(self, init: Optional[Export]):
         model = super().build_model(init)
-        check_mask_reg(self.args.mask_reg)  # a typo'd value fails before training, not at the first step
         if self.args.mask_reg.enabled and getattr(model.visual, "mask_token", None) is None:
             model.visual.add_mask_token()  # learned; left out of Meta-layout exports
         return model

@@ -41,7 +41,7 @@ from pe_lightning.exports import Export
 from pe_lightning.stages.base import Headline, PEStage
 from pe_lightning.stages.losses import clamp_logit_scale, clip_loss
 from pe_lightning.stages.phases import Phase, PhaseSchedule
-from pe_lightning.stages.pretrain import MaskRegArgs, mask_reg_loss, random_patch_mask
+from pe_lightning.stages.pretrain import MaskRegArgs, check_mask_reg, mask_reg_loss, random_patch_mask
 
 _VIDEO_SEED_TAG = 0x51DE0  # the video stream's seed: independent of the image stream's draws
 
@@ -81,6 +81,7 @@ class VideoStage(PEStage):
         blend = float(cfg.video.parent_blend) if "video" in cfg else 0.0
         if not 0.0 <= blend < 1.0:  # checked before training, not when the blend runs at its end
             raise RecipeError(f"video.parent_blend={blend}: give a fraction in [0, 1) (0 = no blend)")
+        check_mask_reg(cfg.video.mask_reg if "video" in cfg else VideoArgs().mask_reg, "video")
         super().__init__(cfg, parents, fresh)
 
     # ----- the model -----
