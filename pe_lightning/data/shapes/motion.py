@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from typing import Iterable
 
 import numpy as np
@@ -117,20 +118,26 @@ def render_clip(clip: Clip) -> list[np.ndarray]:
 
 
 def encode_mp4(frames: list[np.ndarray], fps: int = FPS) -> bytes:
-    """RGB frames -> mp4 bytes (deterministic: single-threaded encoder, fixed settings)."""
+    """RGB frames -> mp4 bytes (deterministic: the same bytes for the same frames, in any process)."""
     import av
 
     h, w = frames[0].shape[:2]
     last_error: Exception | None = None
-    for codec, opts in (("libx264", {"crf": "18", "preset": "veryfast", "threads": "1"}), ("mpeg4", {"qscale": "2"})):
+    # x264's macroblock-tree rate control (on by default with CRF) gave different bytes for the same frames now
+    # and then (~1 clip in 30, within one process), so two generations of one world differed, and so did what
+    # trained on them: it is off, and each frame is converted and time-stamped here, not left to PyAV
+    x264 = {"crf": "18", "preset": "veryfast", "threads": "1", "x264-params": "mbtree=0"}
+    for codec, opts in (("libx264", x264), ("mpeg4", {"qscale": "2"})):
         buf = io.BytesIO()
         try:
             with av.open(buf, "w", format="mp4") as c:
                 s = c.add_stream(codec, rate=fps)
                 s.width, s.height, s.pix_fmt = w, h, "yuv420p"
                 s.options = opts
-                for fr in frames:
-                    for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(fr), format="rgb24")):
+                for k, fr in enumerate(frames):
+                    f = av.VideoFrame.from_ndarray(np.ascontiguousarray(fr), format="rgb24").reformat(format="yuv420p")
+                    f.pts, f.time_base = k, Fraction(1, fps)
+                    for p in s.encode(f):
                         c.mux(p)
                 for p in s.encode():
                     c.mux(p)
