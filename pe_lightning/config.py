@@ -211,6 +211,10 @@ def load_recipe(stage: str, overrides: list[str] | None = None, recipes_dir: Pat
     data_name = _peek([base, stage_layer, cli], "data.preset", "shapes")
     layers = [("recipes/base.yaml", base)]
     scale_file = recipes_dir / stage / f"{model_name}.yaml"  # the stage's scale for the model, merged last
+    if not scale_file.exists():  # a preset made to run at another's scale (presets.SCALE_OF: tiny-deep -> tiny)
+        from pe_lightning.models.presets import SCALE_OF
+
+        scale_file = recipes_dir / stage / f"{SCALE_OF.get(model_name, model_name)}.yaml"
     for path in (recipes_dir / "models" / f"{model_name}.yaml", recipes_dir / "data" / f"{data_name}.yaml",
                  scale_file):
         if path.exists():

@@ -72,7 +72,7 @@ def test_tiny_preset():
     assert (v.image_size, v.patch_size, v.stem, v.width, v.layers, v.heads, v.mlp_dim) == (64, 8, "conv", 128, 4, 2, 512)
     assert v.use_cls_token and v.pool_type == "attn" and v.use_ln_post and v.output_dim == 128
     assert (t.context_length, t.width, t.layers, t.heads, t.output_dim) == (32, 128, 2, 2, 128)
-    assert set(PRESETS) == set(TABLE) | {"tiny", "tiny-half"}
+    assert set(PRESETS) == set(TABLE) | {"tiny", "tiny-half", "tiny-deep"}
     half = get_preset("tiny-half")  # the distillation student: half the width, same grid and depth
     assert (half.vision.width, half.text.width, half.vision.layers, half.vision.output_dim) == (64, 64, 4, 64)
 

@@ -12,6 +12,7 @@ Numbers are PE_REFERENCE.md section 4. Recipe choices of ours (not Meta's) are m
   `truncated_from` so a full-depth Core file can be loaded into it (the extra blocks and the head are dropped
   explicitly by the loader).
 * `tiny`: our recipe preset for CPU runs and tests (64 px, patch 8 via a three-conv stem, width 128 x 4).
+  `tiny-deep`: the same at width 96 x 8 blocks, about equal training FLOPs; it runs at `tiny`'s stage scales.
 """
 
 from __future__ import annotations
@@ -238,6 +239,16 @@ def _tiny_half() -> CLIPConfig:
     return CLIPConfig(vision=vision, text=text)
 
 
+def _tiny_deep() -> CLIPConfig:
+    # Our choice (#28): `tiny` made deeper and narrower at about its training FLOPs (within 5% from 64 to 128 px,
+    # tests/test_tiny_deep.py), so the tower has depth for late "global decoder" blocks to form, as in PE-Core-G
+    # (whose best dense layers sit well before its last). Same stem, head and text tower as `tiny`.
+    cfg = _tiny()
+    v = cfg.vision
+    v.width, v.layers, v.heads, v.mlp_dim = 96, 8, 2, 320
+    return cfg
+
+
 _BUILDERS = {
     "PE-Core-G14-448": lambda: _core("G", 448),
     "PE-Core-L14-336": lambda: _core("L", 336),
@@ -253,7 +264,10 @@ _BUILDERS = {
     "PE-Spatial-T16-512": lambda: _tokens_only("T", 512, ls=None),
     "tiny": _tiny,
     "tiny-half": _tiny_half,
+    "tiny-deep": _tiny_deep,
 }
+# A preset without stage scale files of its own (recipes/<stage>/<preset>.yaml) runs at this preset's.
+SCALE_OF: Dict[str, str] = {"tiny-deep": "tiny"}
 
 def _make(name: str) -> CLIPConfig:
     cfg = _BUILDERS[name]()
