@@ -11,6 +11,7 @@ typo fails at once with its name. This module knows no stage: the caller passes 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -40,7 +41,8 @@ class ModelSection:
 
 @dataclass
 class PhaseSection:
-    until_samples: int = "???"  # type: ignore[assignment]  # the phase ends at this many samples seen
+    # The phase ends at this many samples seen; null (or None) on the last phase: at train.total_samples.
+    until_samples: Optional[int] = "???"  # type: ignore[assignment]
     resolution: int = "???"  # type: ignore[assignment]
     batch_size: int = "???"  # type: ignore[assignment]
 
@@ -152,8 +154,16 @@ def parse_overrides(args: list[str]) -> list[str]:
         if "=" not in arg:
             raise RecipeError(f"expected key=value, got {arg!r}")
         key, value = arg.split("=", 1)
-        dotlist.append(f"{SHORTHANDS.get(key, key)}={value}")
+        dotlist.append(f"{SHORTHANDS.get(key, key)}={_python_none_as_null(key, value)}")
     return dotlist
+
+
+def _python_none_as_null(key: str, value: str) -> str:
+    """`until_samples: None` (the phase schedule's Python spelling, PhaseSchedule's docs) as YAML's null, which
+    OmegaConf reads as None; YAML itself reads `None` as a string."""
+    if key.endswith("until_samples"):
+        return "null" if value.strip() == "None" else value
+    return re.sub(r"(until_samples\s*:\s*)None\b", r"\1null", value)
 
 
 def _yaml_layer(path: Path) -> DictConfig:

@@ -209,7 +209,8 @@ def test_corrupt_init_file_is_one_line_and_leaves_no_run_folder(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: cannot read checkpoint {bad}: not a PyTorch checkpoint (truncated or corrupt?)"]
+    assert errors == [f"error: cannot read checkpoint {bad}: not a PyTorch checkpoint (truncated or corrupt?); give "
+                      "a weights file saved by torch.save (a stage's export/model.pt or a released Meta PE-*.pt)"]
     assert "pickle" not in result.stderr.lower()
     assert not (tmp_path / "runs").exists()
 

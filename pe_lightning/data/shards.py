@@ -83,7 +83,7 @@ def expand_shards(urls: str | Sequence[str], what: str = "urls") -> list[str]:
                 found = sorted(glob.glob(os.path.join(url, "*.tar")))
                 if not found:
                     raise DataError(f"{what}: directory {url} holds no *.tar shards; point it at the shards "
-                                    "(e.g. {url}/{{00000..00099}}.tar) or generate/download them first")
+                                    f"(e.g. {url}/{{00000..00099}}.tar) or generate/download them first")
                 out.extend(found)
             elif _GLOB_CHARS.search(url):
                 found = sorted(glob.glob(url))

@@ -313,10 +313,15 @@ def probe_source(src: ResolvedSource, decoder: Decoder, max_samples: int = 64, m
                 break
         if seen >= max_samples:
             break
-    why = ", ".join(f"{k}: {v}" for k, v in reasons.most_common()) or "the shards hold no samples"
-    raise DataError(f"source {src.name}: no usable sample among the first {seen} samples of "
-                    f"{min(len(src.shards), max_shards)} shard(s) ({why}). Check that the shards hold the "
-                    "expected members (image .jpg/.png/.webp or video .mp4, plus a .txt caption)")
+    why = ", ".join(f"{k}: {v}" for k, v in reasons.most_common())
+    shards = min(len(src.shards), max_shards)
+    if seen == 0:  # nothing to decode at all: not tar files, or empty ones
+        raise DataError(f"source {src.name}: the first {shards} shard(s) hold no samples ({why or 'empty'}): "
+                        f"{src.shards[0]} is {'not a readable tar archive' if 'tar_error' in reasons else 'empty'}. "
+                        "Give webdataset .tar shards (as img2dataset or video2dataset write them)")
+    raise DataError(f"source {src.name}: no usable sample among the first {seen} samples of {shards} shard(s) "
+                    f"({why}). Check that the shards hold the expected members (image .jpg/.png/.webp or video "
+                    ".mp4, plus a .txt caption)")
 
 
 @dataclass

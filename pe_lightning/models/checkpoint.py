@@ -120,10 +120,11 @@ def read_state_dict(src: Source) -> Tuple[StateDict, str]:
 def _load_failure(error: Exception) -> str:
     """One short line for a file torch cannot load (torch's own message is several lines of pickle advice)."""
     text = str(error)
-    if "Weights only load failed" in text or "Unsupported global" in text:
+    if "Unsupported global" in text:  # a real pickle naming a class; random bytes fail on an opcode instead
         return ("it holds pickled Python objects, not only tensors; load it in Python and save its state_dict "
                 "with torch.save")
-    return "not a PyTorch checkpoint (truncated or corrupt?)"
+    return ("not a PyTorch checkpoint (truncated or corrupt?); give a weights file saved by torch.save (a stage's "
+            "export/model.pt or a released Meta PE-*.pt)")
 
 
 def detect_format(sd: Mapping[str, Any]) -> str:
