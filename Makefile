@@ -6,8 +6,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PINS_HASH := $(shell cat pyproject.toml requirements.lock | sha1sum | cut -c1-12)
 STAMP := $(VENV)/.installed-$(PINS_HASH)
-# All command-line `key=value` words, passed on to pe-lightning as recipe overrides.
-OVERRIDES := $(foreach v,$(filter-out PYTHON,$(.VARIABLES)),$(if $(filter command line,$(origin $(v))),'$(v)=$($(v))'))
+# All command-line `key=value` words, passed on to pe-lightning as recipe overrides (stripped: make's other
+# variables leave a space each, and the echoed command would carry ~100 of them).
+OVERRIDES := $(strip $(foreach v,$(filter-out PYTHON,$(.VARIABLES)),$(if $(filter command line,$(origin $(v))),'$(v)=$($(v))')))
 run ?= default
 comma := ,
 
@@ -21,23 +22,26 @@ else
 	@$(MAKE) --no-print-directory help
 endif
 
-help:  ## list the targets
+help:  ## list the targets (tests/test_makefile.py checks that every .PHONY target is here)
 	@echo "pe-lightning: the Perception Encoder training recipe on Lightning"
 	@echo ""
-	@echo "  make stage=pretrain [run=NAME] [key=value ...]  run (or resume) one stage"
+	@echo "  make help                                       this list (so does make alone)"
+	@echo "  make stage=pretrain [run=NAME] [key=value ...]  run (or resume) one stage (the same: make train stage=...)"
 	@echo "  make pipeline [run=NAME]                        run every stage not yet DONE, in order"
-	@echo "  make status [run=NAME]                          each stage's state and headline metrics"
+	@echo "  make status [run=NAME]                          each stage's state (running, interrupted, done) and figures"
 	@echo "  make report [run=NAME]                          runs/NAME/report.md: figures, probe and loss curves"
 	@echo "  make probe [run=NAME] [stage=S] [layers=1,2]    per-layer frozen-feature probes of an export"
+	@echo "  make eval export=DIR [data.root=DIR]            an export's zero-shot / retrieval on a recipe's sets"
 	@echo "  make ask [run=NAME] image=PATH question=TEXT    answer a question about an image (lang export)"
 	@echo "  make lang-sweep [run=NAME] [layers=3,2,1]       the lang stage for several k, then the VQA table"
-	@echo "  make test                                       the test suite (CPU)"
-	@echo "  make soak [kills=20]                            the tiny pipeline SIGKILLed until done, exports checked"
-	@echo "  make bench                                      training-step / data benchmarks -> bench/results/"
-	@echo "  make eval export=DIR [data.root=DIR]            an export's zero-shot / retrieval on a recipe's sets"
 	@echo "  make ablation [rungs=0,7] [seeds=0]             the paper's recipe ladder at equal FLOPs -> runs/ablation/"
 	@echo "  make data                                       generate the shapes world into data/shapes"
+	@echo "  make test                                       the test suite (CPU)"
+	@echo "  make test-fast                                  the test suite without the tests marked slow"
+	@echo "  make soak [kills=20]                            the tiny pipeline SIGKILLed until done, exports checked"
+	@echo "  make bench                                      training-step / data benchmarks -> bench/results/"
 	@echo "  make setup                                      create .venv with the pinned dependencies"
+	@echo "  make clean-venv                                 delete .venv (the next target recreates it)"
 
 setup: $(STAMP)
 

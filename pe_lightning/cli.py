@@ -132,10 +132,16 @@ def main(argv: list[str] | None = None) -> None:
     # OpenMP threads that spin while waiting steal the cores from the data workers on small CPU machines.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _configure_logging()
-    from pe_lightning.errors import USER_ERRORS
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from pe_lightning.errors import USER_ERRORS
+    from pe_lightning.quiet import quiet_start
+
+    quiet_start()
     try:
-        COMMANDS[argv[0]](argv[1:])
+        # Our lines through tqdm.write: each on its own line above a progress bar, never on the bar's line.
+        with logging_redirect_tqdm(loggers=[logging.getLogger("pe_lightning")]):
+            COMMANDS[argv[0]](argv[1:])
     except USER_ERRORS as err:
         if os.environ.get("PE_DEBUG"):
             raise

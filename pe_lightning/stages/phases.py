@@ -151,6 +151,16 @@ class PhaseSchedule:
         return tuple(self._bounds)
 
     @property
+    def steps(self) -> int:
+        """Global batches from 0 to total_samples (a phase's last batch may run past its end: the next phase
+        then starts there), as the stage counts them."""
+        seen = steps = 0
+        for until, phase in zip(self._bounds, self.phases):
+            n = max(0, -(-(until - seen) // phase.batch_size))  # ceil
+            seen, steps = seen + n * phase.batch_size, steps + n
+        return steps
+
+    @property
     def max_resolution(self) -> int:
         return max(p.resolution for p in self.phases)
 
