@@ -350,3 +350,25 @@ def test_parent_blend_outside_0_1_or_without_a_parent_is_a_recipe_error(tiny_wor
         stage.finish_training()
     with pytest.raises(RecipeError, match="fraction"):  # at construction, before any training
         VideoStage(_recipe(tiny_world, tmp_path, "video.parent_blend=1.5"))
+
+
+def test_the_model_is_the_parent_exports_structure_not_the_recipes_preset(tiny_world, tmp_path):
+    """A parent trained with another stem (model.vision.stem=patch in pretrain) is rebuilt from its export's
+    model.json; the video recipe's own preset (tiny: the conv stem) would miss its keys."""
+    from pe_lightning.exports import Export
+    from pe_lightning.models import build_model
+    from pe_lightning.models.checkpoint import export_checkpoint
+    from pe_lightning.exports import write_model_json
+
+    recipe = _recipe(tiny_world, tmp_path)
+    parent = build_model("tiny", vision={**recipe.model.vision, "stem": "patch"}, text=dict(recipe.model.text))
+    export = tmp_path / "export"
+    export.mkdir()
+    export_checkpoint(parent, export / "model.pt")
+    write_model_json(parent, export)
+    stage = VideoStage(recipe, parents={"init": Export.at(export)})
+    assert stage.model.visual.cfg.stem == "patch" and recipe.model.vision.get("stem", "conv") != "patch"
+    for name, tensor in parent.state_dict().items():
+        assert torch.equal(stage.model.state_dict()[name], tensor), name
+    resumed = VideoStage(recipe, parents={"init": Export.at(export)}, fresh=False)  # a resume: same structure
+    assert resumed.model.visual.cfg.stem == "patch"

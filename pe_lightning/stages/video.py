@@ -86,7 +86,17 @@ class VideoStage(PEStage):
 
     # ----- the model -----
     def build_model(self, init: Optional[Export]) -> nn.Module:
-        model = super().build_model(init)
+        """The init parent's network as it was trained (its export's model.json: a patch stem, another width),
+        not the recipe's preset; the preset only for a bare weights file (init= a released Meta .pt)."""
+        from pe_lightning.models import PECLIP, load_checkpoint
+
+        structure, m = self.init_structure(init), self.cfg.model
+        for tower, keys in ((structure.vision, m.vision), (structure.text, m.text)):  # a memory knob, not a weight
+            if tower is not None:
+                tower.grad_checkpointing = bool(keys.get("grad_checkpointing", False))
+        model = PECLIP(structure)
+        if init is not None:
+            load_checkpoint(model, init.weights)
         if self.uses_mask_token and getattr(model.visual, "mask_token", None) is None:
             model.visual.add_mask_token()  # learned; left out of Meta-layout exports
         if not self.args.train_text:
