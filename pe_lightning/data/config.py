@@ -39,6 +39,7 @@ class DataConfig:
     shapes_train: int = 20000  # scenes in the generated train split
     shapes_seed: int = 0
     shapes_size: int = 64  # image side of the generated shapes world (the loader resizes to image_size)
+    shapes_version: int = 1  # 1: the default world; 2: multi-object, occluded, textured (#28; recipes/data/shapes_v2)
     train: list[SourceConfig] = field(default_factory=list)  # empty -> the shapes world's train split
     video: list[SourceConfig] = field(default_factory=list)  # empty -> the shapes world's video/train split
     instruct: list[SourceConfig] = field(default_factory=list)  # empty -> the shapes world's instruct split

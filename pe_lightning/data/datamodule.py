@@ -153,7 +153,8 @@ class StreamDataModule(L.LightningDataModule):
 
         c = self.cfg
         if c.generate:
-            ensure_shapes_world(c.root, train=c.shapes_train, seed=c.shapes_seed, size=c.shapes_size)
+            ensure_shapes_world(c.root, train=c.shapes_train, seed=c.shapes_seed, size=c.shapes_size,
+                                world=c.shapes_version)
         elif not is_complete(c.root):
             raise DataError(f"no shapes world at {c.root} and data.generate=false: run `pe-lightning data shapes "
                             f"--out {c.root}`, set data.generate=true, or list your shards in data.{self.sources_key}")

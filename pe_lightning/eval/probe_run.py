@@ -1,7 +1,8 @@
 """`pe-lightning probe`: per-layer frozen-feature probes of one export, and the compare plot of several.
 
     pe-lightning probe run=NAME [stage=S | weights=PATH model=PRESET] [layers=1,2,4] [runs_dir=runs]
-                       [data_root=data/shapes] [image_size=PX] [batch_size=N] [device=cpu|cuda] [tb=true|false]
+                       [data_root=data/shapes] [dense_set=single|multi|DIR] [image_size=PX] [batch_size=N]
+                       [device=cpu|cuda] [tb=true|false]
     pe-lightning probe compare OUT.png DIR_OR_JSON [DIR_OR_JSON ...] [normalise=true]
 
 What it measures (protocols in pe_lightning/eval/probes.py): for every layer k (1-based, the output after k
@@ -14,7 +15,10 @@ decay is chosen on a part of it) and a held-out `test` split (scores). `data_roo
 (its `zeroshot/test` set: 48 colour-shape classes, 20 train and 10 test images per class) or any such set
 folder. The dense probe runs where the samples carry `.mask.png` + `.json` objects; on the shapes world
 its classes are background + the 6 shapes (a colour-shape label maps to its shape), elsewhere background +
-one class per label.
+one class per label. `dense_set` picks the dense probe's set: `single` (default) the labelled set above, whose
+images hold one object each (so an image's label is every object token's label); `multi` the shapes world's
+dense-probe split `data_root/dense` (world version 2: 3-5 objects of distinct shapes per image, so no
+image-level label fits every token); or any folder in the same layout. kNN and linear stay on the labelled set.
 
 Outputs (in `runs/<run>/<stage>/probe/`, or `runs/<run>/probe-<weights file stem>/` for `weights=`):
 `probe.json` ({"knn": [{"layer": k, "score": s}, ...], "linear": [...], "dense": [...], "head": {...},
@@ -61,6 +65,24 @@ def probe_set_dir(data_root: Union[str, os.PathLike]) -> Path:
     root = Path(data_root).expanduser()
     world_set = root / "zeroshot" / "test"
     return world_set if world_set.is_dir() else root
+
+
+def dense_set_dir(data_root: Union[str, os.PathLike], dense_set: Optional[str]) -> Path:
+    """The dense probe's set: `single`/None -> the labelled set (probe_set_dir), `multi` -> the shapes world's
+    dense-probe split (data_root/dense), anything else -> that folder."""
+    if dense_set in (None, "", "single"):
+        return probe_set_dir(data_root)
+    if dense_set == "multi":
+        folder = Path(data_root).expanduser() / "dense"
+        if not (folder / "train").is_dir() or not (folder / "test").is_dir():
+            raise ProbeError(f"dense_set=multi: {folder} has no train/test splits; it comes with the shapes world "
+                             f"version 2 (data=shapes_v2, or `pe-lightning data shapes --version 2 --out DIR` and "
+                             f"data_root=DIR), or give dense_set=single or a folder")
+        return folder
+    folder = Path(dense_set).expanduser()
+    if not folder.is_dir():
+        raise ProbeError(f"dense_set={dense_set}: no such folder; give single, multi or a set folder")
+    return folder
 
 
 def _has_masks(set_dir: Path, split: str) -> bool:
@@ -144,11 +166,11 @@ def probe_export(model: Any, data_root: Union[str, os.PathLike], out_dir: Union[
                  layers: Optional[Sequence[int]] = None, image_size: Optional[int] = None,
                  tb_dir: Optional[Union[str, os.PathLike]] = None, *, batch_size: int = 128,
                  device: Union[str, torch.device, None] = None, label: Optional[str] = None,
-                 source: Optional[str] = None, **protocol: Any) -> dict:
+                 source: Optional[str] = None, dense_set: Optional[str] = None, **protocol: Any) -> dict:
     """Run the three probes on every layer of `model` (a PECLIP or VisionTransformer) against the labelled set
     of `data_root`, write `out_dir/probe.json` and `out_dir/probe.png` (and TensorBoard under `tb_dir`), and
     return the probe.json dict. image_size: default the model's native resolution. protocol: overrides of
-    DEFAULTS (k, temperature, val_fraction, lbfgs_iter, dense_iter, seed)."""
+    DEFAULTS (k, temperature, val_fraction, lbfgs_iter, dense_iter, seed). dense_set: see dense_set_dir."""
     t_start = time.monotonic()
     unknown = sorted(set(protocol) - set(DEFAULTS))
     if unknown:
@@ -163,19 +185,31 @@ def probe_export(model: Any, data_root: Union[str, os.PathLike], out_dir: Union[
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     visual.to(device)
     set_dir = probe_set_dir(data_root)
-    with_masks = _has_masks(set_dir, "train") and _has_masks(set_dir, "test")
+    dense_dir = dense_set_dir(data_root, dense_set)
+    separate = dense_dir.resolve() != set_dir.resolve()
+    with_masks = _has_masks(dense_dir, "train") and _has_masks(dense_dir, "test")
+    if separate and not with_masks:
+        raise ProbeError(f"dense_set={dense_set}: {dense_dir} has no .mask.png masks to probe")
 
     t0 = time.monotonic()
-    train, classnames = split_features(visual, set_dir, "train", layers, image_size, batch_size, device, with_masks)
-    test, _ = split_features(visual, set_dir, "test", layers, image_size, batch_size, device, with_masks)
+    train, classnames = split_features(visual, set_dir, "train", layers, image_size, batch_size, device,
+                                       with_masks and not separate)
+    test, _ = split_features(visual, set_dir, "test", layers, image_size, batch_size, device,
+                             with_masks and not separate)
+    dense_train, dense_test, dense_names = train, test, classnames
+    if separate:
+        dense_train, dense_names = split_features(visual, dense_dir, "train", layers, image_size, batch_size, device,
+                                                  True)
+        dense_test, _ = split_features(visual, dense_dir, "test", layers, image_size, batch_size, device, True)
     seconds = {"features": time.monotonic() - t0, "knn_linear": 0.0, "dense": 0.0}
     n_cls = len(classnames)
-    log.info("probe: features of %d train + %d test images, layers %s%s, in %.1fs", len(train), len(test), layers,
+    log.info("probe: features of %d train + %d test images%s, layers %s%s, in %.1fs", len(train), len(test),
+             f" (+ {len(dense_train)} + {len(dense_test)} of the dense set {dense_dir})" if separate else "", layers,
              " + head" if HEAD in train.pooled else "", seconds["features"])
 
-    names, lut = dense_classes(classnames)
+    names, lut = dense_classes(dense_names)
     if with_masks:
-        train_masks, test_masks = _dense_targets(train.masks, lut), _dense_targets(test.masks, lut)
+        train_masks, test_masks = _dense_targets(dense_train.masks, lut), _dense_targets(dense_test.masks, lut)
     result: dict[str, Any] = {"knn": [], "linear": [], "dense": [], "head": None}
     for k in layers:
         t0 = time.monotonic()
@@ -186,8 +220,9 @@ def probe_export(model: Any, data_root: Union[str, os.PathLike], out_dir: Union[
         line = f"probe layer {k}: knn {knn:.3f} linear {lin['score']:.3f}"
         if with_masks:
             t0 = time.monotonic()
-            dense = dense_probe_fit(train.maps[k].to(device), train_masks.to(device), test.maps[k].to(device),
-                                    test_masks.to(device), len(names), max_iter=cfg["dense_iter"],
+            dense = dense_probe_fit(dense_train.maps[k].to(device), train_masks.to(device),
+                                    dense_test.maps[k].to(device), test_masks.to(device), len(names),
+                                    max_iter=cfg["dense_iter"],
                                     ignore_index=IGNORE)
             result["dense"].append({"layer": k, "score": dense.miou, "class_iou": dense.class_iou})
             seconds["dense"] += time.monotonic() - t0
@@ -211,7 +246,8 @@ def probe_export(model: Any, data_root: Union[str, os.PathLike], out_dir: Union[
                    "head: forward_head of the final tokens",
         "data": {"set": str(set_dir), "train": len(train), "test": len(test), "classes": n_cls,
                  "image_size": image_size, "dense_classes": names if with_masks else None,
-                 "dense_skipped": None if with_masks else "the set has no .mask.png masks"},
+                 "dense_skipped": None if with_masks else "the set has no .mask.png masks",
+                 "dense_set": str(dense_dir), "dense_train": len(dense_train), "dense_test": len(dense_test)},
         "protocol": {"knn": {"k": cfg["k"], "temperature": cfg["temperature"], "vote": "weighted exp(sim/T)"},
                      "linear": {"solver": "L-BFGS, standardised features", "max_iter": cfg["lbfgs_iter"],
                                 "val_fraction": cfg["val_fraction"], "weight_decays": list(WEIGHT_DECAYS)},
@@ -316,8 +352,8 @@ def _default_stage(run_dir: Path) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # command line
 
-_KEYS = ("run", "stage", "weights", "model", "layers", "runs_dir", "data_root", "image_size", "batch_size",
-         "device", "tb")
+_KEYS = ("run", "stage", "weights", "model", "layers", "runs_dir", "data_root", "dense_set", "image_size",
+         "batch_size", "device", "tb")
 
 
 def _parse(args: Sequence[str], keys: Sequence[str]) -> dict[str, str]:
@@ -387,7 +423,7 @@ def run_probe(args: Sequence[str]) -> dict:
     tb_dir = out_dir / "tb" if _bool(opts, "tb", True) else None
     return probe_export(model, opts.get("data_root", "data/shapes"), out_dir, layers=parse_layers(opts.get("layers")),
                         image_size=_int(opts, "image_size"), tb_dir=tb_dir, batch_size=_int(opts, "batch_size") or 128,
-                        device=opts.get("device"), label=label, source=source)
+                        device=opts.get("device"), label=label, source=source, dense_set=opts.get("dense_set"))
 
 
 def load_result(path: Union[str, os.PathLike]) -> dict:

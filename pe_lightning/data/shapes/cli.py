@@ -1,4 +1,5 @@
-"""`pe-lightning data shapes --out DIR [--train N] [--seed S] [--size PX] ...`: generate the shapes world."""
+"""`pe-lightning data shapes --out DIR [--train N] [--seed S] [--size PX] [--version 1|2] ...`: generate the shapes
+world."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from pe_lightning.data.shapes.writer import MARKER, VERSION, default_counts, generate_shapes_world, is_complete
+from pe_lightning.data.shapes.writer import (MARKER, WORLDS, _params, default_counts, generate_shapes_world,
+                                             is_complete)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=int, default=20000, help="training scenes (default 20000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--version", type=int, default=1, choices=WORLDS,
+                   help="world version: 1 (default) or 2 (1-5 overlapping objects, textures, partial captions, "
+                        "counting/relation QA, a dense-probe split; render it at --size 128)")
+    p.add_argument("--dense-train", type=int, default=None, help="version 2: dense-probe train scenes (default 320)")
+    p.add_argument("--dense-test", type=int, default=None, help="version 2: dense-probe test scenes (default 160)")
     p.add_argument("--retrieval", type=int, default=None, help="retrieval pairs (default 1000)")
     p.add_argument("--zeroshot-per-class", type=int, default=None, help="images per class and style (default 10)")
     p.add_argument("--video-train", type=int, default=None, help="training clips (default train/10)")
@@ -33,11 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def same_request(out: Path, args: argparse.Namespace) -> bool:
     have = json.loads((out / MARKER).read_text())
-    counts = default_counts(args.train)
-    for k in ("retrieval", "zeroshot_per_class", "video_train", "video_test", "instruct"):
-        if getattr(args, k) is not None:
+    counts = default_counts(args.train, args.version)
+    for k in ("retrieval", "zeroshot_per_class", "video_train", "video_test", "instruct", "dense_train", "dense_test"):
+        if getattr(args, k) is not None and k in counts:
             counts[k] = getattr(args, k)
-    return have == {"version": VERSION, "train": args.train, "seed": args.seed, "size": args.size, "counts": counts}
+    return have == _params(args.train, args.seed, args.size, counts, args.version)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -58,7 +65,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     m = generate_shapes_world(out, train=args.train, seed=args.seed, size=args.size, retrieval=args.retrieval,
                               zeroshot_per_class=args.zeroshot_per_class, video_train=args.video_train,
                               video_test=args.video_test, instruct=args.instruct, shard_size=args.shard_size,
-                              workers=args.workers)
+                              workers=args.workers, world=args.version, dense_train=args.dense_train,
+                              dense_test=args.dense_test)
     t = m["_timing"]
     print(f"shapes world -> {out} ({MARKER} written)")
     for split, info in m["splits"].items():

@@ -16,7 +16,12 @@ ROOT/instruct/{00000..}.tar + sizes.json             KEY.png KEY.json (list of {
 ROOT/instruct_test/{00000..}.tar + sizes.json        the same for held-out scenes (the language stage's eval)
 ROOT/zeroshot/test/train/                            a labelled train split of the solid set (probe training;
                                        CLIP_benchmark's train/test layout), `probe_per_class` images per class
+ROOT/dense/{train,test}/                             world version 2 only: the dense-probe split, CLIP_benchmark
+                                       layout (classnames.txt, templates in ROOT/dense), 3-5 objects of distinct
+                                       shapes per scene (KEY.png KEY.cls KEY.txt KEY.json KEY.mask.png)
 ```
+World version 2 (`world=2`, recipe key data.shapes_version, CLI --version; world2.py) changes the scenes, captions,
+QA and adds the dense split; version 1 (the default) is written exactly as before, manifest and marker included.
 Every sample is a pure function of (seed, split, index), so shards are byte-identical for a seed whatever
 the number of processes. Images are PNG: lossless, so colours are exact (a colour word is never blurred
 into a neighbour hue by JPEG artefacts) and the masks line up with the pixels exactly.
@@ -46,6 +51,7 @@ from pe_lightning.data.shapes.qa import scene_qa
 from pe_lightning.data.shapes.render import render_scene
 from pe_lightning.data.shapes.scenes import (ALL_PAIRS, a, CLASSES, COLOURS, HELDOUT, SHAPES, SIZES, TEMPLATES,
                                              heldout_classes, sample_scene, single_scene)
+from pe_lightning.data.shapes.world2 import DENSE_N, SIZES2
 from pe_lightning.data.shards import DataError
 from pe_lightning.data.transforms import derive_seed
 
@@ -54,14 +60,25 @@ log = logging.getLogger(__name__)
 VERSION = 3  # 2: 70% single-object train scenes (was 50%); 3: + instruct_test, zeroshot/test/train splits
 MARKER = ".complete"
 SPLIT_TAGS = {"train": 1, "retrieval": 2, "zs/test": 3, "zs/outline": 4, "zs/texture": 5, "zs/noise": 6,
-              "video/train": 7, "video/test": 8, "instruct": 9, "instruct_test": 10, "zs/train": 11}
+              "video/train": 7, "video/test": 8, "instruct": 9, "instruct_test": 10, "zs/train": 11,
+              "dense/train": 12, "dense/test": 13}
+WORLDS = (1, 2)  # world versions: 1 = the default world (scenes.py ...), 2 = world2.py (#28), chosen by a key
 ZS_STYLES = {"test": "solid", "outline": "outline", "texture": "texture", "noise": "noise"}
 
 
-def default_counts(train: int) -> dict[str, int]:
-    return {"train": train, "retrieval": 1000, "zeroshot_per_class": 10, "video_train": max(64, train // 10),
-            "video_test": max(32, train // 100), "instruct": max(64, train // 4),
-            "instruct_test": max(32, train // 40), "probe_per_class": 20}
+def default_counts(train: int, world: int = 1) -> dict[str, int]:
+    counts = {"train": train, "retrieval": 1000, "zeroshot_per_class": 10, "video_train": max(64, train // 10),
+              "video_test": max(32, train // 100), "instruct": max(64, train // 4),
+              "instruct_test": max(32, train // 40), "probe_per_class": 20}
+    if world == 2:  # the dense-probe split of multi-object scenes (its own train and test scenes)
+        counts.update(dense_train=320, dense_test=160)
+    return counts
+
+
+def check_world(world: int) -> int:
+    if int(world) not in WORLDS:
+        raise ValueError(f"shapes world version must be one of {WORLDS}, got {world!r}")
+    return int(world)
 
 
 def _rng(seed: int, split: str, i: int) -> np.random.Generator:
@@ -78,8 +95,11 @@ def _json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True).encode()
 
 
-def make_sample(split: str, i: int, seed: int, px: int, per_class: int = 10) -> tuple[str, dict[str, bytes]]:
+def make_sample(split: str, i: int, seed: int, px: int, per_class: int = 10,
+                world: int = 1) -> tuple[str, dict[str, bytes]]:
     """(key, {extension: bytes}) of sample i of a split."""
+    if world == 2 and not split.startswith("video/"):
+        return make_sample2(split, i, seed, px, per_class)
     rng = _rng(seed, split, i)
     key = f"{i:09d}"
     if split.startswith("video/"):
@@ -106,6 +126,42 @@ def make_sample(split: str, i: int, seed: int, px: int, per_class: int = 10) -> 
     return key, out
 
 
+def make_sample2(split: str, i: int, seed: int, px: int, per_class: int = 10) -> tuple[str, dict[str, bytes]]:
+    """Sample i of a split of world version 2 (world2.py); its video clips are version 1's, at this size."""
+    from pe_lightning.data.shapes import world2
+
+    rng = _rng(seed, split, i)
+    key = f"{i:09d}"
+    extra: dict[str, bytes] = {}
+    if split.startswith("zs/"):
+        label = i // per_class
+        colour, shape = ALL_PAIRS[label]
+        scene = world2.single_scene2(rng, px, colour, shape, style=ZS_STYLES.get(split[3:], "solid"))
+        caption = a(f"{colour} {shape}") + "."
+        extra = {"cls": str(label).encode()}
+    elif split.startswith("dense/"):
+        scene = world2.dense_scene2(rng, px)
+        caption = ""
+    else:
+        scene = world2.sample_scene2(rng, px)
+        caption = world2.caption_scene2(scene, rng)
+    img, mask = world2.render_scene2(scene, rng)
+    if split.startswith("dense/"):
+        # the image-level label the classification reader needs: the object with the most visible pixels (the
+        # dense probe reads the masks; its scenes hold 3-5 distinct shapes, so no image label fits every token)
+        ids, counts = np.unique(np.asarray(mask), return_counts=True)
+        big = max((int(c), -int(k)) for k, c in zip(ids, counts) if k > 0)
+        label_obj = scene.objects[-big[1] - 1]
+        caption = a(label_obj.describe()) + "."
+        extra = {"cls": str(label_obj.label).encode()}
+    meta = {"key": key, "caption": caption, "status": "success", "width": px, "height": px, **scene.to_json()}
+    out = {"png": _png(img), "txt": caption.encode(), "json": _json(meta), MASK_EXT: encode_mask(mask), **extra}
+    if split in ("instruct", "instruct_test"):
+        out = {"png": out["png"], "txt": out["txt"], "json": _json(world2.scene_qa2(scene, rng)),
+               "objects.json": out["json"]}
+    return key, out
+
+
 def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     ti = tarfile.TarInfo(name)
     ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = len(data), 0, 0o644, 0, 0, "", ""
@@ -117,10 +173,10 @@ _EXT_ORDER = ("png", "mp4", "txt", "cls", "json", "objects.json", MASK_EXT)
 
 def write_shard(task: tuple) -> tuple[str, int]:
     """Write samples [start, end) of `split` to `path`. Returns (path, count)."""
-    path, split, start, end, seed, px, per_class = task
+    path, split, start, end, seed, px, per_class, world = task
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
         for i in range(start, end):
-            key, members = make_sample(split, i, seed, px, per_class)
+            key, members = make_sample(split, i, seed, px, per_class, world)
             for ext in _EXT_ORDER:
                 if ext in members:
                     _add(tf, f"{key}.{ext}", members[ext])
@@ -137,17 +193,20 @@ def generate_shapes_world(out: str | Path, train: int = 20000, seed: int = 0, si
                           video_train: Optional[int] = None, video_test: Optional[int] = None,
                           instruct: Optional[int] = None, instruct_test: Optional[int] = None,
                           probe_per_class: Optional[int] = None, shard_size: int = 1000, workers: Optional[int] = None,
-                          marker: bool = True) -> dict:
-    """Generate every split into `out` (created; should be empty). Returns the manifest."""
+                          marker: bool = True, world: int = 1, dense_train: Optional[int] = None,
+                          dense_test: Optional[int] = None) -> dict:
+    """Generate every split into `out` (created; should be empty). Returns the manifest. `world`: the world
+    version (1: the default; 2: world2.py, which adds the dense-probe split dense/{train,test})."""
     t0 = time.monotonic()
     out = Path(out)
-    if size < 16:
-        raise ValueError(f"shapes world image size must be >= 16, got {size}")
-    counts = default_counts(train)
+    world = check_world(world)
+    if size < 16 or (world == 2 and size < 32):
+        raise ValueError(f"shapes world image size must be >= {16 if world == 1 else 32}, got {size}")
+    counts = default_counts(train, world)
     for k, v in (("retrieval", retrieval), ("zeroshot_per_class", zeroshot_per_class), ("video_train", video_train),
                  ("video_test", video_test), ("instruct", instruct), ("instruct_test", instruct_test),
-                 ("probe_per_class", probe_per_class)):
-        if v is not None:
+                 ("probe_per_class", probe_per_class), ("dense_train", dense_train), ("dense_test", dense_test)):
+        if v is not None and (k in counts or world == 2):
             counts[k] = int(v)
     per_class = counts["zeroshot_per_class"]
     n_zs = per_class * len(CLASSES)
@@ -162,6 +221,9 @@ def generate_shapes_world(out: str | Path, train: int = 20000, seed: int = 0, si
         "instruct_test": (out / "instruct_test", counts["instruct_test"], "img2dataset"),
         "zs/train": (out / "zeroshot" / "test" / "train", counts["probe_per_class"] * len(CLASSES), "clip_benchmark"),
     }
+    if world == 2:
+        plan["dense/train"] = (out / "dense" / "train", counts["dense_train"], "clip_benchmark")
+        plan["dense/test"] = (out / "dense" / "test", counts["dense_test"], "clip_benchmark")
     tasks, split_shards = [], {}
     for split, (folder, n, naming) in plan.items():
         folder.mkdir(parents=True, exist_ok=True)
@@ -174,7 +236,7 @@ def generate_shapes_world(out: str | Path, train: int = 20000, seed: int = 0, si
             name = f"{k:05d}.tar" if naming == "img2dataset" else f"{k}.tar"
             names.append((name, min(per, n - start)))
             split_per_class = counts["probe_per_class"] if split == "zs/train" else per_class
-            tasks.append((str(folder / name), split, start, min(n, start + per), seed, size, split_per_class))
+            tasks.append((str(folder / name), split, start, min(n, start + per), seed, size, split_per_class, world))
         split_shards[split] = names
     # video shards are the slowest: start them first
     tasks.sort(key=lambda t: (not t[1].startswith("video"), t[1], t[2]))
@@ -206,6 +268,9 @@ def generate_shapes_world(out: str | Path, train: int = 20000, seed: int = 0, si
         (d / "classnames.txt").write_text("\n".join(CLASSES) + "\n")
         (d / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
         (d / "heldout_classes.txt").write_text(heldout)
+    if world == 2:  # the dense-probe set: CLIP_benchmark classification layout, labels = the largest object
+        (out / "dense" / "classnames.txt").write_text("\n".join(CLASSES) + "\n")
+        (out / "dense" / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
     manifest = {
         "generator": "pe_lightning.data.shapes",
         "version": VERSION,
@@ -223,12 +288,19 @@ def generate_shapes_world(out: str | Path, train: int = 20000, seed: int = 0, si
                     "(0 = background, i = json objects[i-1]); objects[].label = class index in zeroshot.classes",
                     "video": "mp4 (H.264, yuv420p)", "instruct": "json: list of {question, answer}"},
     }
+    if world == 2:  # (version 1's manifest stays as it was, byte for byte)
+        manifest["world"] = 2
+        manifest["sizes"] = {k: list(v) for k, v in SIZES2.items()}
+        manifest["formats"]["mask"] += ("; world 2: objects are listed back to front (z), each id marks the pixels "
+                                        "where that object is visible")
+        manifest["dense"] = {"path": "dense", "classes": "background + the 6 shapes (dense probe); .cls = the "
+                             "largest visible object's colour-shape class", "objects_per_scene": list(DENSE_N)}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     if marker:
-        (out / MARKER).write_text(json.dumps(_params(train, seed, size, counts), sort_keys=True))
+        (out / MARKER).write_text(json.dumps(_params(train, seed, size, counts, world), sort_keys=True))
     dt = time.monotonic() - t0
     n_img = (counts["train"] + counts["retrieval"] + 4 * n_zs + counts["instruct"] + counts["instruct_test"]
-             + counts["probe_per_class"] * len(CLASSES))
+             + counts["probe_per_class"] * len(CLASSES) + counts.get("dense_train", 0) + counts.get("dense_test", 0))
     log.info("shapes world: %d images + %d clips in %.1fs (%d processes) -> %s", n_img,
              counts["video_train"] + counts["video_test"], dt, n_proc, out)
     manifest["_timing"] = {"seconds": dt, "images": n_img, "clips": counts["video_train"] + counts["video_test"],
@@ -236,15 +308,19 @@ def generate_shapes_world(out: str | Path, train: int = 20000, seed: int = 0, si
     return manifest
 
 
-def _params(train: int, seed: int, size: int, counts: dict) -> dict:
-    return {"version": VERSION, "train": int(train), "seed": int(seed), "size": int(size), "counts": counts}
+def _params(train: int, seed: int, size: int, counts: dict, world: int = 1) -> dict:
+    params = {"version": VERSION, "train": int(train), "seed": int(seed), "size": int(size), "counts": counts}
+    if world != 1:  # version 1's marker stays as it was
+        params["world"] = int(world)
+    return params
 
 
 def is_complete(root: str | Path) -> bool:
     return (Path(root) / MARKER).is_file()
 
 
-def ensure_shapes_world(root: str | Path, train: int = 20000, seed: int = 0, size: int = 64, **counts: Any) -> Path:
+def ensure_shapes_world(root: str | Path, train: int = 20000, seed: int = 0, size: int = 64, world: int = 1,
+                        **counts: Any) -> Path:
     """Generate the shapes world into `root` unless a complete one with these parameters is there.
 
     Safe to call from every rank at once (a file lock serialises them) and atomic (generated into a tmp dir
@@ -252,19 +328,21 @@ def ensure_shapes_world(root: str | Path, train: int = 20000, seed: int = 0, siz
     other parameters is an error, never silently reused or overwritten."""
     root = Path(root).expanduser().resolve()
     root.parent.mkdir(parents=True, exist_ok=True)
-    want_counts = default_counts(train)
+    world = check_world(world)
+    want_counts = default_counts(train, world)
     want_counts.update({k: int(v) for k, v in counts.items() if v is not None and k in want_counts})
 
     def check() -> bool:
         if not is_complete(root):
             return False
         have = json.loads((root / MARKER).read_text())
-        want = _params(train, seed, size, want_counts)
+        want = _params(train, seed, size, want_counts, world)
         if have != want:
             diff = {k: (have.get(k), want[k]) for k in want if have.get(k) != want[k]}
             raise DataError(f"the shapes world at {root} was generated with other parameters "
                             f"(have vs requested: {diff}); set data.root to another folder, match the parameters "
-                            f"(data.shapes_train / shapes_seed / shapes_size), or delete {root} to regenerate")
+                            f"(data.shapes_train / shapes_seed / shapes_size / shapes_version), or delete {root} to "
+                            "regenerate")
         return True
 
     if check():
@@ -280,12 +358,14 @@ def ensure_shapes_world(root: str | Path, train: int = 20000, seed: int = 0, siz
                             "empty or new folder, or remove it")
         tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        log.info("generating the shapes world into %s (train=%d, seed=%d, size=%d)", root, train, seed, size)
+        log.info("generating the shapes world into %s (train=%d, seed=%d, size=%d, world %d)", root, train, seed,
+                 size, world)
         try:
-            generate_shapes_world(tmp, train=train, seed=seed, size=size, **{
+            generate_shapes_world(tmp, train=train, seed=seed, size=size, world=world, **{
                 k: v for k, v in counts.items() if k in ("retrieval", "zeroshot_per_class", "video_train",
                                                          "video_test", "instruct", "instruct_test",
-                                                         "probe_per_class", "shard_size", "workers")})
+                                                         "probe_per_class", "shard_size", "workers", "dense_train",
+                                                         "dense_test")})
             if root.exists():  # an incomplete earlier attempt
                 stale = root.parent / f".{root.name}.stale-{os.getpid()}"
                 os.rename(root, stale)
