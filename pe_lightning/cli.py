@@ -26,14 +26,27 @@ USAGE = __doc__
 
 
 def _train(args: list[str]) -> None:
-    from pe_lightning.pipeline import run_stage
-    from pe_lightning.stages import load_stage_recipe
-
     picked, overrides = split_words(args, "stage", "recipe")
     if "stage" not in picked:
         raise SystemExit("usage: pe-lightning train stage=NAME [recipe=FILE] [key=value ...]")
+    _refuse_a_stage_in_use(picked["stage"], overrides)
+    from pe_lightning.pipeline import run_stage
+    from pe_lightning.stages import load_stage_recipe
+
     cfg = load_stage_recipe(picked["stage"], overrides, recipe=picked.get("recipe"))
     run_stage(cfg)
+
+
+def _refuse_a_stage_in_use(stage: str, overrides: list[str]) -> None:
+    """A stage another live process trains is refused in a second or two, before torch and the stages load
+    (the stage manager takes the lock itself later; this is the early answer)."""
+    from pathlib import Path
+
+    from pe_lightning.config import RecipeConfig
+    from pe_lightning.runlock import refuse_if_held
+
+    words, _ = split_words(overrides, "run", "runs_dir")
+    refuse_if_held(Path(words.get("runs_dir", RecipeConfig.runs_dir)) / words.get("run", RecipeConfig.run) / stage)
 
 
 def _pipeline(args: list[str]) -> None:

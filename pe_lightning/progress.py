@@ -2,6 +2,7 @@
 
 A stage's data stream is endless and its end is `train.total_samples`, so Lightning's bar (one "epoch" per
 pass over the shards, reset at each) shows the wrong total and ETA. Here:
+- `LockProgress`: the step and the run's step count, written into the stage's lock for `status`.
 - `RunProgressBar` (stdout is a terminal): Lightning's tqdm bar, spanning the whole run (its steps from
   the stage's phase schedule, starting at the checkpoint's step on a resume), so its ETA is the run's.
 - `ProgressLines` (stdout is a file, a pipe, or a terminal with no size, where a bar shows nothing): a
@@ -16,10 +17,13 @@ import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+
+if TYPE_CHECKING:
+    from pe_lightning.runlock import StageLock
 
 log = logging.getLogger("pe_lightning")
 
@@ -128,3 +132,20 @@ def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
+
+
+class LockProgress(L.Callback):
+    """Writes the trainer's step and the run's step count into the stage's lock (runlock.py) every `every`
+    steps, for `status`."""
+
+    def __init__(self, lock: "StageLock", every: int = 1):
+        self.lock, self.every = lock, max(1, int(every))
+
+    def on_train_start(self, trainer, pl_module) -> None:  # a resumed run starts at its checkpoint's step
+        if getattr(pl_module, "schedule", None) is not None:
+            self.lock.total_steps = run_steps(trainer, pl_module)
+        self.lock.update(trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every == 0:
+            self.lock.update(trainer.global_step)

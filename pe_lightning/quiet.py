@@ -5,6 +5,7 @@ libraries say still shows. What they are:
 - Lightning's advert for its cloud logger, printed at every Trainer start;
 - Lightning's "GPU available: ... / TPU available: ..." device inventory (the run's own lines say where
   it trains; a GPU left unused is still a warning of its own);
+- Lightning's two "Restor... states from the checkpoint" lines: ours ("resuming stage X from ...") says it;
 - torch's "No CUDA runtime is found, using CUDA_HOME=..." when a CPU-only machine has a CUDA folder (torch
   logs it when it loads its C++ extension helpers, e.g. while compiling the LAMB update);
 - torch's FutureWarning that Lightning's own pytree helper uses `LeafSpec` (Lightning's to change, not ours).
@@ -17,7 +18,8 @@ import warnings
 
 DROPPED_LINES = {
     "lightning.pytorch.utilities.rank_zero": ("💡 Tip: For seamless cloud logging", "GPU available:",
-                                              "TPU available:"),
+                                              "TPU available:", "Restoring states from the checkpoint path at",
+                                              "Restored all states from the checkpoint at"),
     "torch.utils.cpp_extension": ("No CUDA runtime is found",),
 }
 LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
