@@ -2,11 +2,12 @@
 
 What it holds, for every stage of the pipeline that is DONE:
 - the stage's headline (the figure it is for, and its gain over the baseline it must beat; as `status`);
-- a table of every figure in its export/metrics.json, beside the parent's value where the stage measured the
-  parent too (`parent_<key>`), and the change: what the stage cost or bought in its parent's figures (image
-  zero-shot after video, global features after spatial);
+- a table with one row per figure in its export/metrics.json (the first eval set's figures once, under the
+  headline keys), beside the parent's value where the stage measured the parent too (`parent_<key>`) and the
+  headline's own baseline (distill's scratch student, lang's blind LM), each with the change: what the stage
+  cost or bought (image zero-shot after video, global features after spatial);
 - `report_probes.png`: the per-layer probe curves of every probed export (`make probe`, or the pipeline's
-  probes) on one plot;
+  probes) on one plot, and the command that probes each export not probed yet;
 - `report_loss.png`: the training losses (`train/*loss*`) of each stage from its TensorBoard logs.
 It reads only what the stages wrote; nothing is recomputed, so it takes seconds.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from pe_lightning.errors import UserError
 from pe_lightning.eval import plots
@@ -67,18 +69,80 @@ def finished_stages(run_dir: Path) -> list[tuple[str, dict]]:
     return out
 
 
-def metrics_table(stage: str, metrics: dict) -> list[str]:
-    """Markdown rows: figure | this stage | parent | change. Headline keys first, then the rest by name."""
+def metrics_table(stage: str, metrics: dict, first_sets: tuple[str, ...] = ()) -> list[str]:
+    """Markdown rows: figure | this stage | each baseline the stage measured (its parent; the scratch student or
+    the blind LM of its headline) with the change against it. Headline keys first, then the rest by name; one
+    row per figure: the baselines' own keys and the first eval set's named copies (`first_sets`) are left out."""
     from pe_lightning.stages import stage_class
 
-    first = [k for k in stage_class(stage).headline_metrics if k in metrics]
-    rest = sorted(k for k in metrics if k not in first and not k.startswith("parent_"))
-    rows = ["| figure | this stage | parent | change |", "|---|---|---|---|"]
-    for key in first + rest:
-        parent = metrics.get(f"parent_{key}")
-        rows.append(f"| `{key}` | {_fmt(key, metrics[key])} | {_fmt(key, parent) if parent is not None else ''} "
-                    f"| {_change(key, metrics[key], parent)} |")
+    baselines = [b for b in _baselines(stage_class(stage).headline) if any(b.key(k) in metrics for k in metrics)]
+    shown = [k for k in metrics if not _hidden(k, metrics, baselines, first_sets)]
+    first = [k for k in stage_class(stage).headline_metrics if k in shown]
+    rows = ["| figure | this stage |" + "".join(f" {b.name} | change |" for b in baselines),
+            "|---|---|" + "---|---|" * len(baselines)]
+    for key in first + sorted(k for k in shown if k not in first):
+        cells = ""
+        for b in baselines:
+            base = metrics.get(b.key(key))
+            cells += f" {_fmt(key, base) if base is not None else ''} | {_change(key, metrics[key], base)} |"
+        rows.append(f"| `{key}` | {_fmt(key, metrics[key])} |{cells}")
     return rows
+
+
+@dataclass(frozen=True)
+class _Baseline:
+    """A model the stage measured beside itself, its figures under other keys: `parent_<key>`, or the headline's
+    own form (`scratch_<key>`, `vqa_blind_<rest>` for `vqa_<rest>`)."""
+    name: str
+    prefix: str  # the part of a key before the insertion point
+    insert: str
+
+    def key(self, key: str) -> str:
+        return self.prefix + self.insert + key[len(self.prefix):] if key.startswith(self.prefix) else ""
+
+    def owns(self, key: str, metrics: dict) -> bool:
+        """`key` is this baseline's copy of a figure the stage has (parent_blend, a knob, is not)."""
+        head = self.prefix + self.insert
+        return key.startswith(head) and self.prefix + key[len(head):] in metrics
+
+
+def _baselines(headline) -> list[_Baseline]:
+    """The parent, and the headline's own baseline where it is another: the split of its key that its
+    `versus` key inserts a word into (zeroshot_top1 -> scratch_ + zeroshot_top1, vqa_ + blind_ + exact_match)."""
+    out = [_Baseline("parent", "", "parent_")]
+    key, versus = (headline.key, headline.versus) if headline else ("", None)
+    if versus and not versus.startswith("parent_"):
+        for i in range(len(key) + 1):
+            if versus.startswith(key[:i]) and versus.endswith(key[i:]) and len(versus) > len(key):
+                insert = versus[i: len(versus) - (len(key) - i)]
+                out.append(_Baseline(headline.versus_name or insert.strip("_"), key[:i], insert))
+                break
+    return out
+
+
+# Keys that repeat what a table row already shows: the teacher's copy of the parent figures (distill), and the
+# distill gains, which are the change columns.
+_REPEATS = ("teacher_", "distill_gain_", "teacher_gap_")
+
+
+def _hidden(key: str, metrics: dict, baselines: list[_Baseline], first_sets: tuple[str, ...]) -> bool:
+    if key.startswith(_REPEATS) or any(b.owns(key, metrics) for b in baselines + _baselines(None)):
+        return True
+    for kind, name in zip(("zeroshot_", "retrieval_"), first_sets):  # zeroshot_shapes_top1 = zeroshot_top1
+        if name and key.startswith(f"{kind}{name}_"):
+            alias = kind + key[len(kind) + len(name) + 1:]
+            return metrics.get(alias) == metrics[key]
+    return False
+
+
+def first_eval_sets(export: Path) -> tuple[str, str]:
+    """The names of the first zero-shot and retrieval sets of the export's recipe: their figures are also the
+    unnamed headline keys (eval/clip_sets.py)."""
+    from pe_lightning.exports import Export
+
+    recipe = Export(export / "model.pt", export).recipe
+    sets = recipe.get("eval", {}) if recipe is not None else {}
+    return tuple(str(sets[kind][0].name) if sets.get(kind) else "" for kind in ("zeroshot", "retrieval"))
 
 
 def loss_curves(run_dir: Path, stages: list[str]) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
@@ -142,18 +206,23 @@ def write_report(run_dir: Path) -> Path:
         lines.append(f"| {stage} | {headline.format(metrics) if headline else ''} | "
                      f"{metrics.get('samples_seen', '')} | {metrics.get('train_seconds', 0) / 60:.1f} min |")
     probes = probe_results(run_dir, names)
+    lines += ["", "## Per-layer probes", ""]
     if probes:
         plots.save_png(plots.compare_figure(probes, title="per-layer probes of each export"), run_dir / _PROBE_PNG)
-        lines += ["", "## Per-layer probes", "", f"![probe curves of every export]({_PROBE_PNG})"]
+        lines += [f"![probe curves of every export]({_PROBE_PNG})"]
+    unprobed = [s for s in names if s not in {p["label"] for p in probes}]
+    if unprobed:
+        lines += [("" if not probes else "\n") + "Not probed yet: " + ", ".join(
+            f"`make probe run={run_dir.name} stage={s}`" for s in unprobed)
+            + " (`make pipeline` probes each export after its stage), then `make report` again."]
     curves = loss_curves(run_dir, names)
     if curves:
         plots.save_png(loss_figure(curves), run_dir / _LOSS_PNG)
         lines += ["", "## Training losses", "", f"![training loss of each stage]({_LOSS_PNG})"]
     for stage, metrics in stages:
-        lines += ["", f"## {stage}", "", *metrics_table(stage, metrics)]
-    out = write_text_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
-    log.info("report: wrote %s", out)
-    return out
+        table = metrics_table(stage, metrics, first_eval_sets(run_dir / stage / "export"))
+        lines += ["", f"## {stage}", "", *table]
+    return write_text_atomic(run_dir / "report.md", "\n".join(lines) + "\n")  # the command prints its path
 
 
 def main(args: list[str]) -> Path:

@@ -56,6 +56,7 @@ def test_report_command_and_its_errors(run_dir, tmp_path):
     cmd = [sys.executable, "-m", "pe_lightning.cli", "report", f"runs_dir={run_dir.parent}", "run=t"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip().endswith("report.md"), done.stderr
+    assert (done.stdout + done.stderr).count("report.md") == 1  # the path, once
     missing = subprocess.run(cmd[:-1] + ["run=nope"], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "no such run folder" in missing.stderr
     (tmp_path / "empty" / "pretrain").mkdir(parents=True)
@@ -65,3 +66,40 @@ def test_report_command_and_its_errors(run_dir, tmp_path):
         from pe_lightning.report import main
 
         main(["rn=t"])
+
+
+def test_one_row_per_figure_the_first_sets_named_copies_and_the_baselines_own_keys_left_out():
+    from pe_lightning.report import metrics_table
+
+    metrics = {"zeroshot_top1": 0.5, "zeroshot_shapes_top1": 0.5, "zeroshot_noise_top1": 0.2,
+               "retrieval_i2t_r1": 0.3, "retrieval_shapes_i2t_r1": 0.3, "parent_zeroshot_top1": 0.6,
+               "parent_zeroshot_shapes_top1": 0.6, "parent_blend": 0.25, "video_t2v_r1": 0.4}
+    rows = metrics_table("video", metrics, ("shapes", "shapes"))
+    keys = [row.split("`")[1] for row in rows[2:]]
+    assert sorted(keys) == ["parent_blend", "retrieval_i2t_r1", "video_t2v_r1", "zeroshot_noise_top1",
+                            "zeroshot_top1"]
+    assert rows[0] == "| figure | this stage | parent | change |"
+    assert "| `zeroshot_top1` | 50.0% | 60.0% | -10.0 pts |" in rows
+    assert "| `parent_blend` | 0.25 |  |  |" in rows  # a knob that starts with parent_, not a parent figure
+
+
+def test_the_headlines_own_baseline_fills_its_columns_scratch_and_blind():
+    from pe_lightning.report import metrics_table
+
+    distill = metrics_table("distill", {"zeroshot_top1": 0.4, "scratch_zeroshot_top1": 0.2, "parent_zeroshot_top1": 0.6,
+                                        "teacher_zeroshot_top1": 0.6, "distill_gain_zeroshot_top1": 0.2})
+    assert distill[0] == "| figure | this stage | parent | change | scratch | change |"
+    assert distill[2:] == ["| `zeroshot_top1` | 40.0% | 60.0% | -20.0 pts | 20.0% | +20.0 pts |"]
+    lang = metrics_table("lang", {"vqa_exact_match": 0.5, "vqa_blind_exact_match": 0.25})
+    assert lang[0] == "| figure | this stage | blind | change |"
+    assert lang[2:] == ["| `vqa_exact_match` | 50.0% | 25.0% | +25.0 pts |"]
+    assert metrics_table("pretrain", {"zeroshot_top1": 0.5})[0] == "| figure | this stage |"  # no parent: no columns
+
+
+def test_a_run_without_probes_says_the_command_that_makes_them(tmp_path):
+    pretrain = StageDir(tmp_path / "r" / "pretrain")
+    pretrain.export.mkdir(parents=True)
+    (pretrain.export / "metrics.json").write_text(json.dumps({"zeroshot_top1": 0.5, "samples_seen": 10}))
+    pretrain.done.write_text("{}")
+    text = write_report(tmp_path / "r").read_text()
+    assert "`make probe run=r stage=pretrain`" in text and "report_probes.png" not in text
