@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ from pe_lightning.config import RECIPES_DIR, RecipeError, recipe_schema, result_
 from pe_lightning.errors import UserError
 from pe_lightning.exports import Export
 from pe_lightning.io import replace_dir_atomic, write_text_atomic
+from pe_lightning.run_length import check_run_length
+from pe_lightning.progress import LockProgress
+from pe_lightning.runlock import StageLock, holder, launches_the_run
 from pe_lightning.stages import STAGES, StageNotAvailable, load_stage_recipe, stage_class
 
 log = logging.getLogger("pe_lightning")
@@ -184,17 +188,33 @@ def export_stage(module: Any, cfg: DictConfig, sdir: StageDir) -> None:
 def build_stage(cfg: DictConfig, pipeline: Pipeline, ckpt: Path | None):
     """The stage module with its parents read (before anything is written, so bad weights leave no folder)."""
     stage_cls = stage_class(cfg.stage)
+    check_run_length(cfg)
     parents = parent_exports(cfg, pipeline, fresh=ckpt is None)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     return stage_cls(cfg, parents=parents, fresh=ckpt is None)
 
 
 def run_stage(cfg: DictConfig, pipeline: Pipeline | None = None) -> Path:
-    """Run (or resume, or skip when DONE) one stage; returns its export folder."""
-    from pe_lightning.trainer import fit_stage
-
+    """Run (or resume, or skip when DONE) one stage, holding its lock; returns its export folder. A start
+    that fails before the first checkpoint removes the stage folder it created (no config.yaml, no TensorBoard
+    file left for `status` to call "started")."""
     pipeline = pipeline if pipeline is not None else read_pipeline()
     sdir = stage_dir(cfg)
+    if not launches_the_run():  # the other ranks of a DDP run: the launching process holds the lock
+        return _run_stage(cfg, pipeline, sdir)
+    created = [d for d in (sdir.root.parent.parent, sdir.root.parent, sdir.root) if not d.exists()]  # runs/, run, stage
+    with StageLock(sdir.root) as lock:
+        try:
+            return _run_stage(cfg, pipeline, sdir, lock)
+        except BaseException:
+            if created and not sdir.checkpoint.exists():
+                shutil.rmtree(created[0], ignore_errors=True)
+            raise
+
+
+def _run_stage(cfg: DictConfig, pipeline: Pipeline, sdir: StageDir, lock: StageLock | None = None) -> Path:
+    from pe_lightning.trainer import fit_stage
+
     if sdir.done.exists():
         refuse_a_changed_done_stage(cfg, sdir)
         log.info("stage %s of run %s is DONE (%s); nothing to do", cfg.stage, cfg.run, sdir.export)
@@ -215,7 +235,8 @@ def run_stage(cfg: DictConfig, pipeline: Pipeline | None = None) -> Path:
         write_text_atomic(sdir.config, to_yaml(cfg))
         init = module.parents.get("init")
         log.info("starting stage %s in %s%s", cfg.stage, sdir.root, f" from {init.weights}" if init else "")
-    trainer = fit_stage(module, sdir.root, ckpt)
+    extra = [LockProgress(lock, cfg.train.log_every_n_steps)] if lock else []
+    trainer = fit_stage(module, sdir.root, ckpt, extra)
     if not trainer.is_global_zero:
         return sdir.export
     if not module.finished:
@@ -292,6 +313,9 @@ def stage_status(run_dir: Path, stage: str) -> str:
         metrics_file = sdir.export / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
         return "done " + _headline(stage, metrics)
+    running = holder(sdir.root)
+    if running:
+        return f"running ({running.describe()})"
     if sdir.progress.exists():
         progress = json.loads(sdir.progress.read_text())
         return f"interrupted at {progress['samples_seen']} samples (step {progress['step']}); rerun to resume"

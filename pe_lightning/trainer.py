@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from pe_lightning.callback_loader import build_callbacks
+from pe_lightning.progress import progress_callback
 from pe_lightning.stages.base import PEStage
 
 log = logging.getLogger("pe_lightning")
@@ -31,7 +31,7 @@ def build_trainer(cfg: DictConfig, stage_root: Path, callbacks: list[L.Callback]
     if t.threads:
         torch.set_num_threads(t.threads)
     if t.progress_bar:  # refreshed once per log interval: each refresh reads the metrics (a GPU sync)
-        callbacks = [*callbacks, TQDMProgressBar(refresh_rate=max(1, cfg.train.log_every_n_steps))]
+        callbacks = [*callbacks, progress_callback(max(1, cfg.train.log_every_n_steps))]
     logger = TensorBoardLogger(save_dir=str(stage_root), name="tb", version="", default_hp_metric=False)
     return L.Trainer(
         accelerator=t.accelerator,
@@ -54,9 +54,12 @@ def build_trainer(cfg: DictConfig, stage_root: Path, callbacks: list[L.Callback]
     )
 
 
-def fit_stage(stage: PEStage, stage_root: Path, ckpt: Optional[Path]) -> L.Trainer:
-    """Train `stage` in `stage_root`, resuming from `ckpt` if given."""
-    trainer = build_trainer(stage.cfg, stage_root, build_callbacks(stage.cfg, stage_root))
+def fit_stage(stage: PEStage, stage_root: Path, ckpt: Optional[Path],
+              extra_callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
+    """Train `stage` in `stage_root`, resuming from `ckpt` if given. `extra_callbacks`: the stage manager's own
+    (the run lock's progress), beside the recipe's."""
+    callbacks = [*build_callbacks(stage.cfg, stage_root), *extra_callbacks]
+    trainer = build_trainer(stage.cfg, stage_root, callbacks)
     try:
         trainer.fit(stage, datamodule=stage.datamodule(), ckpt_path=str(ckpt) if ckpt else None)
     except SIGTERMException:
