@@ -15,12 +15,9 @@ comma := ,
 .DEFAULT_GOAL := default
 .PHONY: default help setup train pipeline status report soak probe test test-fast bench data clean-venv ask lang-sweep ablation eval
 
-default:
-ifdef stage
-	@$(MAKE) --no-print-directory train
-else
-	@$(MAKE) --no-print-directory help
-endif
+# `make stage=X` is `make train`, `make` alone the help (a prerequisite, not a nested make: a failing run then
+# ends in one make error line, not two).
+default: $(if $(stage),train,help)
 
 help:  ## list the targets (tests/test_makefile.py checks that every .PHONY target is here)
 	@echo "pe-lightning: the Perception Encoder training recipe on Lightning"

@@ -15,15 +15,13 @@ It reads only what the stages wrote; nothing is recomputed, so it takes seconds.
 from __future__ import annotations
 
 import json
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+
 from pe_lightning.errors import UserError
 from pe_lightning.eval import plots
 from pe_lightning.io import write_text_atomic
-
-log = logging.getLogger("pe_lightning")
 
 # Metric names that hold a fraction in [0, 1], printed as a percentage.
 _PERCENT = ("top1", "top5", "_r1", "_r5", "_r10", "miou", "exact_match", "_acc")
