@@ -72,14 +72,16 @@ class RunProgressBar(_PhaseLines, TQDMProgressBar):
         bar.reset(total=run_steps(trainer, pl_module))
         bar.initial = bar.n = trainer.global_step  # a resumed run: the rate and ETA count this process's steps
         bar.set_description(getattr(pl_module, "name", "") or "train")
-        self.log_phase(pl_module)
+        if self.is_enabled:  # Lightning disables the bar on every rank but 0: one phase line per run
+            self.log_phase(pl_module)
 
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
         """Nothing: a pass over the shards is no boundary of the run (Lightning resets its bar here)."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.log_phase(pl_module)
         bar, n = self.train_progress_bar, trainer.global_step
+        if self.is_enabled:
+            self.log_phase(pl_module)
         if self._should_update(n, bar.total):
             bar.n = n
             bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar

@@ -136,3 +136,18 @@ def test_a_runs_output_has_none_of_the_noise_and_shows_its_progress(tiny_world, 
     assert done.returncode == 0, out[-3000:]
     assert not [n for n in NOISE if n in out], out
     assert "step 10 of 10 (100%)" in out and "phase 2 of 2" in out
+
+
+def test_a_disabled_bar_on_another_rank_logs_no_phase_line(monkeypatch):
+    bar = RunProgressBar(refresh_rate=1)
+    monkeypatch.setattr(bar, "get_metrics", lambda trainer, module: {})
+    bar.disable()  # what Lightning does on every rank but 0
+    with said("pe_lightning") as lines:
+        bar.on_train_start(_Trainer(), _Stage())
+        bar.on_train_batch_end(_Trainer(), _Stage(), None, None, 0)
+    assert lines == []
+    bar.enable()
+    with said("pe_lightning") as lines:
+        bar.on_train_batch_end(_Trainer(), _Stage(), None, None, 0)
+    assert lines[0].startswith("phase 1 of 2")
+    bar.train_progress_bar.close()
