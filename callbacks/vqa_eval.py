@@ -6,7 +6,9 @@ Reads instruction shards at `path` (default `<data.root>/instruct_test`, the sha
 each question is asked on its own (single-turn prompt) at the stage's resolution. Keys in export/metrics.json:
 vqa_exact_match, vqa_<type>_exact_match (colour, shape, count, size, position, yesno) and *_num_questions;
 with the stage's blind baseline (lang.blind_baseline) the same under vqa_blind_*, the blind LM answering
-with zeros at the image positions, as it was trained. `examples` answers are logged (question, gold, ours).
+with zeros at the image positions, as it was trained; the warm-up model's own figures (projector trained, the
+full phase not begun: evaluated once at the switch, before the full phase changes anything) under
+vqa_warmup_*, so the full phase's gain or loss is measured on the same questions. `examples` answers are logged (question, gold, ours).
 Runs on global rank 0; the other ranks wait at a barrier.
 """
 
@@ -41,6 +43,11 @@ class VQAEval(L.Callback):
                                     "(pe-lightning data shapes --out DIR), give the callback `path: DIR` of "
                                     "held-out instruction shards, or drop vqa_eval from the recipe's callbacks")
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # Callbacks' batch-start hooks run before the stage's, which applies the switch: this is the warm-up model.
+        if pl_module.args.projector_samples > 0 and pl_module.in_full_phase() and not pl_module.full_phase_started:
+            pl_module.metrics.update(self.evaluate(trainer, pl_module, blind=False, prefix="vqa_warmup"))
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and not pl_module.finished:
             self.evaluate(trainer, pl_module, blind=False)
@@ -48,14 +55,18 @@ class VQAEval(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not pl_module.finished:
             return
-        pl_module.metrics.update(self.evaluate(trainer, pl_module, blind=pl_module.blind_lm is not None))
+        metrics = self.evaluate(trainer, pl_module, blind=pl_module.blind_lm is not None)
+        if pl_module.args.projector_samples >= pl_module.cfg.train.total_samples:  # warm-up only: the same model
+            metrics.update({k.replace("vqa_", "vqa_warmup_", 1): v for k, v in metrics.items()
+                            if not k.startswith("vqa_blind_")})
+        pl_module.metrics.update(metrics)
 
-    def evaluate(self, trainer: L.Trainer, pl_module, blind: bool) -> dict[str, float]:
+    def evaluate(self, trainer: L.Trainer, pl_module, blind: bool, prefix: str = "vqa") -> dict[str, float]:
         metrics: dict[str, float] = {}
         if trainer.is_global_zero:
-            metrics = self._score(pl_module, pl_module.model.lm, "vqa")
+            metrics = self._score(pl_module, pl_module.model.lm, prefix)
             if blind:
-                metrics.update(self._score(pl_module, pl_module.blind_lm, "vqa_blind"))
+                metrics.update(self._score(pl_module, pl_module.blind_lm, "vqa_blind", blind=True))
             if trainer.logger is not None:
                 trainer.logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
             shown = {k: v for k, v in metrics.items() if k.endswith("exact_match")}
@@ -64,12 +75,12 @@ class VQAEval(L.Callback):
         trainer.strategy.barrier()
         return metrics
 
-    def _score(self, pl_module, lm, prefix: str) -> dict[str, float]:
+    def _score(self, pl_module, lm, prefix: str, blind: bool = False) -> dict[str, float]:
         loader = load_instruction_set(self.path, self.cfg.data.image_size, self.batch_size)
         seen: list[tuple[str, str, str]] = []
         a = pl_module.args
         metrics = vqa_eval(lm, pl_module.tokenizer_obj, pl_module.model.projector, pl_module.encode_for_eval, loader,
-                           blind=prefix == "vqa_blind", prefix=prefix, max_questions=self.max_questions,
+                           blind=blind, prefix=prefix, max_questions=self.max_questions,
                            max_new_tokens=self.max_new_tokens, template=a.template, system=a.system,
                            on_answer=lambda q, g, p: seen.append((q, g, p)) if len(seen) < self.examples else None)
         for q, g, p in seen:

@@ -154,6 +154,7 @@ def test_registered_and_the_embedded_recipe_is_plms_method():
     cfg = load_stage_recipe("lang", [])
     a, o = cfg.lang, cfg.optim
     assert (a.layer_scale, a.drop_path, a.pooling, a.pool_at, a.blind_baseline) == (0.1, 0.1, 2, "after", True)
+    assert a.layer_scale_mode == "preserve"  # our choice; PLM's literal switch is layer_scale_mode=plm
     assert (o.name, o.beta1, o.beta2) == ("adamw", 0.9, 0.95) and 0 < a.projector_samples < cfg.train.total_samples
     assert "vqa_exact_match" in LangStage.headline_metrics and "vqa_blind_exact_match" in LangStage.headline_metrics
 
@@ -204,6 +205,121 @@ def test_warmup_moves_only_the_projector_then_the_switch_and_everything(tiny_wor
     assert stage.layer_scale_set
     stage.apply_phase()  # idempotent: the gammas are written once
     assert not any(torch.allclose(g, torch.full_like(g, 0.1), atol=1e-7) for g in gammas)
+
+
+def _gammas(visual):
+    return [p for n, p in visual.named_parameters() if n.endswith(".gamma")]
+
+
+def test_the_preserving_switch_keeps_the_encoders_function_and_plms_does_not(tiny_world, tmp_path, parent):
+    """lang.layer_scale_mode=preserve: at the switch the gammas become 0.1 and the branch output projections
+    absorb 10x, so the encoder's patch tokens (the projector's input) are the warm-up's to float precision.
+    plm (PLM's literal switch) shrinks every branch 10x: the tokens move."""
+    x = torch.randn(3, 3, 64, 64)
+    tokens = {}
+    for mode in ("preserve", "plm"):
+        stage = _stage(tiny_world, tmp_path / mode, parent, f"lang.layer_scale_mode={mode}", "lang.drop_path=0")
+        stage.eval()
+        with torch.no_grad():
+            before = stage.model.patch_tokens(x)
+            out_proj = stage.model.visual.transformer.resblocks[0].attn.out_proj.weight.clone()
+            stage.samples_seen = stage.args.projector_samples
+            stage.apply_phase()
+            after = stage.model.patch_tokens(x)
+        assert stage.layer_scale_set and all(torch.all(g == 0.1) for g in _gammas(stage.model.visual))
+        scale = stage.model.visual.transformer.resblocks[0].attn.out_proj.weight / out_proj
+        tokens[mode] = (before, after, scale)
+    before, after, scale = tokens["preserve"]
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scale, torch.full_like(scale, 10.0))
+    before, after, scale = tokens["plm"]
+    assert (after - before).abs().max() > 0.1 and torch.equal(scale, torch.ones_like(scale))
+    assert torch.equal(tokens["plm"][0], tokens["preserve"][0])  # the same warm-up encoder in both modes
+    from pe_lightning.config import RecipeError
+
+    with pytest.raises(RecipeError, match="layer_scale_mode='keep'.*preserve \\| plm"):
+        _stage(tiny_world, tmp_path, parent, "lang.layer_scale_mode=keep")
+
+
+def test_rescale_layer_scale_is_exact_for_any_gammas():
+    """The fold holds for per-channel gammas that are not 1 (a PE-Lang file's trained ones) and any target."""
+    from pe_lightning.models import build_model
+
+    torch.manual_seed(0)
+    visual = build_model("tiny").visual.eval()
+    visual.set_layer_scale(1.0)
+    for g in _gammas(visual):
+        g.data.uniform_(0.05, 2.0)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = visual.forward_features(x)
+        visual.rescale_layer_scale(0.3)
+        after = visual.forward_features(x)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert all(torch.all(g == 0.3) for g in _gammas(visual)) and visual.cfg.ls_init_value == 0.3
+    with pytest.raises(ValueError, match="positive"):
+        visual.rescale_layer_scale(0.0)
+
+
+def test_each_part_has_its_own_full_phase_lr(tiny_world, tmp_path, parent):
+    """The warm-up trains the projector at lang.projector_lr; the full phase gives the encoder, projector and LM
+    (the blind baseline's LM with it) optim.lr x their own lang.<part>_lr_scale."""
+    stage = _stage(tiny_world, tmp_path, parent, "lang.encoder_lr_scale=0.5", "lang.projector_lr_scale=4",
+                   "lang.lm_lr_scale=0.1", "optim.warmup_samples=0", "lang.projector_lr=1e-3", "optim.lr=1e-4")
+    optimizer = stage.configure_optimizers()
+
+    def lrs():
+        stage.set_part_lrs(optimizer)
+        return {g["group_name"]: g["lr"] for g in optimizer.param_groups}
+
+    warm = lrs()
+    assert all(lr == pytest.approx(1e-3) for lr in warm.values())  # only the projector has gradients here
+    stage.samples_seen = stage.args.projector_samples
+    full = lrs()
+    expect = {"visual": 0.5e-4, "projector": 4e-4, "lm": 1e-5, "blind_lm": 1e-5}
+    assert {name.split("/")[0] for name in full} == set(expect)
+    for name, lr in full.items():
+        assert lr == pytest.approx(expect[name.split("/")[0]]), name
+    with pytest.raises(__import__("pe_lightning.config", fromlist=["x"]).RecipeError, match="lm_lr_scale=-1"):
+        _stage(tiny_world, tmp_path, parent, "lang.lm_lr_scale=-1")
+
+
+def test_the_vqa_callback_scores_the_warmup_model_once_at_the_switch(monkeypatch, tmp_path):
+    """vqa_warmup_* is the model of the batch before the switch (the callback's batch-start hook runs before the
+    stage's, which applies it), scored once; a warm-up-only run's final figures are its warm-up figures."""
+    from types import SimpleNamespace
+
+    from pe_lightning.callback_loader import resolve_class
+
+    calls = []
+
+    def fake_score(self, pl_module, lm, prefix, blind=False):
+        calls.append((prefix, pl_module.samples_seen))
+        return {f"{prefix}_exact_match": 0.5 if prefix == "vqa_warmup" else 0.7}
+
+    cls = resolve_class("vqa_eval")
+    monkeypatch.setattr(cls, "_score", fake_score)
+    cfg = SimpleNamespace(data=SimpleNamespace(root=str(tmp_path)), train=SimpleNamespace(total_samples=64))
+    callback = cls(cfg)
+    trainer = SimpleNamespace(is_global_zero=True, logger=None, global_step=0, strategy=SimpleNamespace(
+        barrier=lambda: None))
+    stage = SimpleNamespace(args=SimpleNamespace(projector_samples=32), samples_seen=16, full_phase_started=False,
+                            metrics={}, blind_lm=None, finished=True, model=SimpleNamespace(lm=None),
+                            cfg=cfg)
+    stage.in_full_phase = lambda: stage.samples_seen >= stage.args.projector_samples
+    callback.on_train_batch_start(trainer, stage, None, 0)
+    assert calls == []  # still in the warm-up
+    stage.samples_seen = 32
+    callback.on_train_batch_start(trainer, stage, None, 0)
+    stage.full_phase_started = True  # what the stage's own hook then does
+    callback.on_train_batch_start(trainer, stage, None, 0)
+    assert calls == [("vqa_warmup", 32)] and stage.metrics == {"vqa_warmup_exact_match": 0.5}
+    callback.on_train_end(trainer, stage)
+    assert stage.metrics == {"vqa_warmup_exact_match": 0.5, "vqa_exact_match": 0.7}
+
+    stage.args.projector_samples, stage.metrics, stage.samples_seen = 64, {}, 64  # a warm-up-only run, at its end
+    callback.on_train_end(trainer, stage)
+    assert stage.metrics == {"vqa_exact_match": 0.7, "vqa_warmup_exact_match": 0.7}
 
 
 def test_loss_is_next_token_on_answers_and_blind_sees_no_image(tiny_world, tmp_path, parent):
@@ -344,6 +460,9 @@ def test_the_real_smollm2_path_end_to_end(tiny_world, tmp_path, parent):
     metrics = json.loads((export / "metrics.json").read_text())
     assert metrics["vqa_num_questions"] == 8 and 0 <= metrics["vqa_exact_match"] <= 1
     assert "vqa_blind_exact_match" in metrics and "vqa_colour_exact_match" in metrics
+    assert "vqa_blind_colour_exact_match" in metrics  # the blind LM per question type, beside the aligned one's
+    # the warm-up model, scored at the switch on the same questions (before the full phase changed anything)
+    assert metrics["vqa_warmup_num_questions"] == 8 and 0 <= metrics["vqa_warmup_exact_match"] <= 1
     lang = load_lang_export(export)
     assert type(lang.lm).__name__ == "LlamaForCausalLM" and lang.projector.out_dim == 576
     assert isinstance(lang.ask(torch.zeros(1, 3, 64, 64), ["What colour is the circle?"])[0], str)

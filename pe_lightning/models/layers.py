@@ -132,6 +132,19 @@ class ResidualAttentionBlock(nn.Module):
                 ls = LayerScale(dim, init_value).to(device=p.device, dtype=p.dtype).train(self.training)
                 setattr(self, name, ls)
 
+    @torch.no_grad()
+    def rescale_layer_scale(self, value: float) -> None:
+        """Set both gammas to `value` and keep the block's function: each branch's output projection (attention
+        `out_proj`, MLP `c_proj`, weight rows and bias) takes the factor old_gamma / value, so
+        gamma' * (W' x + b') = gamma * (W x + b) per output channel. Needs LayerScale in the block."""
+        for ls, proj in ((self.ls_1, self.attn.out_proj), (self.ls_2, self.mlp.c_proj)):
+            if not isinstance(ls, LayerScale):
+                raise ValueError("rescale_layer_scale needs LayerScale in the block (set_layer_scale first)")
+            factor = ls.gamma / float(value)
+            proj.weight.mul_(factor[:, None])
+            proj.bias.mul_(factor)
+            ls.gamma.fill_(float(value))
+
     def set_drop_path(self, rate: float) -> None:
         self.drop_path = (DropPath(rate) if rate > 0 else nn.Identity()).train(self.training)
 

@@ -303,6 +303,16 @@ class VisionTransformer(nn.Module):
             self.cfg.ls_init_value = float(init)
         return self
 
+    def rescale_layer_scale(self, value: float) -> "VisionTransformer":
+        """Every block's gammas to `value`, function-preserving (the branch output projections absorb the
+        change; ResidualAttentionBlock.rescale_layer_scale). Float rounding aside, the tower's outputs stay."""
+        if value <= 0:
+            raise ValueError(f"a function-preserving LayerScale needs a positive gamma, got {value}")
+        for block in self.transformer.resblocks:
+            block.rescale_layer_scale(value)
+        self.cfg.ls_init_value = float(value)
+        return self
+
     def set_drop_path(self, rate: float) -> "VisionTransformer":
         """timm DropPath with one constant rate in every block (0 removes it)."""
         if not 0.0 <= rate < 1.0:

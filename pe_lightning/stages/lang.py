@@ -8,12 +8,18 @@
 Two phases over samples seen (`lang.projector_samples` splits train.total_samples):
 - **warm-up** (PLM stage 1): only the projector trains; the encoder and the LM are frozen (lr `lang.projector_lr`,
   PLM 1e-4, AdamW betas 0.9/0.95).
-- **full** (PLM stage 2): encoder, projector and LM all train (lr `optim.lr`, PLM 4e-5; the encoder's lr may be
-  lowered by `lang.encoder_lr_scale`, which PLM does not do); LayerScale and DropPath (0.1, PLM) are in the
-  encoder. The gammas exist from the start at 1.0 (x * 1.0 is exact, so the warm-up encoder is the parent's
-  function) and are set to `lang.layer_scale` at the switch: with PLM's 0.1 every residual branch shrinks 10x at
-  that moment, which is **not function-preserving** (PLM adds LS at 0.1 onto weights trained without it).
-  `lang.layer_scale=1.0` would be; 0 builds no LayerScale at all.
+- **full** (PLM stage 2): encoder, projector and LM all train (lr `optim.lr`, PLM 4e-5 for every part; each
+  part's lr is optim.lr times `lang.{encoder,projector,lm}_lr_scale`, our keys); LayerScale and DropPath (0.1,
+  PLM) are in the encoder. The gammas exist from the start at 1.0 (x * 1.0 is exact, so the warm-up encoder is
+  the parent's function) and become `lang.layer_scale` at the switch, in one of two ways
+  (`lang.layer_scale_mode`):
+  - `preserve` (our default): the inverse factor is folded into each block's branch output projections
+    (attention out_proj, MLP c_proj), so the encoder's function at the first full-phase step is the warm-up's
+    and only the parametrisation changes (a gamma of 0.1 trains 10x faster relative to its branch);
+  - `plm` (PLM's published behaviour): the gammas are set to 0.1 on weights trained without LayerScale, so every
+    residual branch shrinks 10x at that moment. PLM's ~35k steps can recover from it; at a few hundred steps an
+    Adam step moves a gamma by about the lr and the encoder stays damaged (measured: README, "Lang").
+  0 builds no LayerScale at all.
 Each phase has its own warmup (optim.warmup_samples) and cosine decay to optim.min_lr_ratio.
 
 Frozen parts keep `requires_grad=True` as registered parameters (so DDP, which registers its parameters once,
@@ -52,11 +58,14 @@ from pe_lightning.data.instruction import InstructionDecoder
 from pe_lightning.data.transforms import resize_to
 from pe_lightning.exports import Export, write_model_json
 from pe_lightning.stages.base import Headline, PEStage
-from pe_lightning.stages.optim import WarmupCosine, build_optimizer, no_weight_decay
+from pe_lightning.stages.optim import WarmupCosine, build_optimizer, no_weight_decay, set_lr
 from pe_lightning.stages.phases import Phase
 
 LANG_JSON = "lang.json"
 LM_FOLDER = "lm"
+PARTS = ("encoder", "projector", "lm")  # the full phase's lr parts (lang.<part>_lr_scale)
+LAYER_SCALE_MODES = ("preserve", "plm")
+LR_PART = {"visual": "encoder", "projector": "projector", "lm": "lm", "blind_lm": "lm"}  # module -> lr part
 
 
 @dataclass
@@ -76,8 +85,11 @@ class LangArgs:
     projector_samples: int = 0  # warm-up length (projector only), in samples; the rest is the full phase
     projector_lr: float = 1e-4  # warm-up peak lr (PLM stage 1); the full phase uses optim.lr (PLM 4e-5)
     encoder_lr_scale: float = 1.0  # full phase: encoder lr = optim.lr * this (PLM: 1.0; LLaVA-OV: 0.2)
+    projector_lr_scale: float = 1.0  # full phase: projector lr = optim.lr * this (PLM: 1.0)
+    lm_lr_scale: float = 1.0  # full phase: LM lr = optim.lr * this (PLM: 1.0); the blind baseline's LM too
     train_encoder: bool = True  # full phase: the encoder trains (PLM); false keeps it frozen (LLaVA-1.5)
-    layer_scale: float = 0.1  # LayerScale gamma set at the switch (PLM 0.1: not function-preserving); 0 = none
+    layer_scale: float = 0.1  # LayerScale gamma from the switch on (PLM 0.1); 0 = no LayerScale
+    layer_scale_mode: str = "plm"  # preserve (fold 1/gamma into the branch outputs: same function) | plm
     drop_path: float = 0.1  # DropPath in every encoder block during the full phase (PLM 0.1)
     blind_baseline: bool = False  # also train an LM copy with blank image embeddings on the same batches
 
@@ -148,8 +160,8 @@ class LangStage(PEStage):
     name = "lang"
     Args = LangArgs
     roles = ("init",)
-    headline_metrics = ("vqa_exact_match", "vqa_blind_exact_match", "vqa_colour_exact_match",
-                        "vqa_shape_exact_match", "vqa_count_exact_match", "vqa_size_exact_match",
+    headline_metrics = ("vqa_exact_match", "vqa_blind_exact_match", "vqa_warmup_exact_match",
+                        "vqa_colour_exact_match", "vqa_shape_exact_match", "vqa_count_exact_match", "vqa_size_exact_match",
                         "vqa_position_exact_match", "vqa_yesno_exact_match")
     one_resolution_because = "the number of image tokens is part of every tokenized sample"
     headline = Headline("VQA exact match", "vqa_exact_match", "vqa_blind_exact_match", "blind")
@@ -160,6 +172,7 @@ class LangStage(PEStage):
         self.tokenizer_ = None
         self.blind_lm: Optional[nn.Module] = None
         self.layer_scale_set = False  # the full phase's gammas were written (saved in the checkpoint)
+        self.full_phase_started = False  # the switch was applied (saved): the warm-up model is gone
         super().__init__(cfg, parents, fresh)
 
     @staticmethod
@@ -179,8 +192,12 @@ class LangStage(PEStage):
             raise RecipeError(f"lang.template={a.template!r}: choose auto | chat | plain")
         if a.turns_per_sample < 0:
             raise RecipeError(f"lang.turns_per_sample={a.turns_per_sample}: must be >= 0 (0 = all turns)")
-        if a.encoder_lr_scale < 0:
-            raise RecipeError(f"lang.encoder_lr_scale={a.encoder_lr_scale}: must be >= 0")
+        for part in PARTS:
+            if getattr(a, f"{part}_lr_scale") < 0:
+                raise RecipeError(f"lang.{part}_lr_scale={getattr(a, f'{part}_lr_scale')}: must be >= 0")
+        if a.layer_scale_mode not in LAYER_SCALE_MODES:
+            raise RecipeError(f"lang.layer_scale_mode={a.layer_scale_mode!r}: choose "
+                              f"{' | '.join(LAYER_SCALE_MODES)}")
 
     # ----- the model -----
     def build_model(self, init: Optional[Export]) -> nn.Module:
@@ -263,11 +280,28 @@ class LangStage(PEStage):
         if visual.cfg.drop_path != rate:
             visual.set_drop_path(rate)
         if full and a.layer_scale > 0 and not self.layer_scale_set:
-            with torch.no_grad():
-                for name, p in visual.named_parameters():
-                    if name.endswith(".gamma"):
-                        p.fill_(float(a.layer_scale))
+            self.switch_layer_scale(visual, float(a.layer_scale), a.layer_scale_mode)
             self.layer_scale_set = True
+        self.full_phase_started = self.full_phase_started or full
+
+    @staticmethod
+    @torch.no_grad()
+    def switch_layer_scale(visual: nn.Module, value: float, mode: str) -> None:
+        """The gammas become `value`: folded into the branch outputs (`preserve`: the same function) or written
+        over them (`plm`: every branch scaled by value / old gamma)."""
+        if mode == "preserve":
+            visual.rescale_layer_scale(value)
+            return
+        for name, p in visual.named_parameters():
+            if name.endswith(".gamma"):
+                p.fill_(value)
+
+    def part_lr_scale(self, part: str) -> float:
+        """A part's lr relative to the schedule's: the warm-up trains the projector alone at projector_lr (x1);
+        the full phase gives each part optim.lr x lang.<part>_lr_scale."""
+        if not self.in_full_phase():
+            return 1.0
+        return float(getattr(self.args, f"{part}_lr_scale"))
 
     def _build_lr_schedule(self):
         o, a = self.cfg.optim, self.args
@@ -280,6 +314,14 @@ class LangStage(PEStage):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
         self.apply_phase()
+        for optimizer in self.trainer.optimizers:
+            self.set_part_lrs(optimizer)
+
+    def set_part_lrs(self, optimizer) -> None:
+        """Each group's lr: the schedule's lr at samples_seen x its part's scale in the current phase."""
+        for group in optimizer.param_groups:
+            group["lr_scale"] = self.part_lr_scale(LR_PART[group["group_name"].split("/")[0]])
+        set_lr(optimizer, self.lr_schedule(self.samples_seen))
 
     # ----- the loss -----
     def image_embeddings(self, images: torch.Tensor, train_encoder: bool) -> torch.Tensor:
@@ -322,21 +364,20 @@ class LangStage(PEStage):
     def configure_optimizers(self):
         from pe_lightning.models.llm import lm_no_weight_decay
 
-        o, a = self.cfg.optim, self.args
+        o = self.cfg.optim
         groups = []
         for part, module in self.parts().items():
             extra = lm_no_weight_decay(module) if part in ("lm", "blind_lm") else ()
             if part == "projector":
                 extra = module.no_weight_decay()
-            scale = float(a.encoder_lr_scale) if part == "visual" else 1.0
             decay, keep = [], []
             for name, p in module.named_parameters():
                 if p.requires_grad:
                     (keep if no_weight_decay(name, p, extra) else decay).append(p)
             for params, wd, kind in ((decay, o.weight_decay, "decay"), (keep, 0.0, "no_decay")):
-                if params:
+                if params:  # lr_scale follows the phase (part_lr_scale, set at every batch start)
                     groups.append(dict(params=params, weight_decay=float(wd), group_name=f"{part}/{kind}",
-                                       lr_scale=scale))
+                                       lr_scale=1.0))
         if o.name != "adamw":
             raise RecipeError(f"optim.name={o.name}: the lang stage uses AdamW (PLM); set optim.name=adamw")
         return build_optimizer(groups, o.name, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
@@ -371,11 +412,14 @@ class LangStage(PEStage):
     # ----- checkpoint -----
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["lang_state"] = {"layer_scale_set": self.layer_scale_set}
+        checkpoint["lang_state"] = {"layer_scale_set": self.layer_scale_set,
+                                    "full_phase_started": self.full_phase_started}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        self.layer_scale_set = bool(checkpoint.get("lang_state", {}).get("layer_scale_set", False))
+        state = checkpoint.get("lang_state", {})
+        self.layer_scale_set = bool(state.get("layer_scale_set", False))
+        self.full_phase_started = bool(state.get("full_phase_started", self.layer_scale_set))
 
     # ----- evaluation hooks -----
     def eval_model(self) -> nn.Module:
@@ -488,8 +532,9 @@ def sweep_table(rows: list[tuple[str, dict]]) -> str:
     """The layer sweep's VQA table: one row per run (label, metrics.json)."""
     from pe_lightning.eval.vqa import QUESTION_TYPES
 
-    cols = ["vqa_exact_match", "vqa_blind_exact_match", *[f"vqa_{t}_exact_match" for t in QUESTION_TYPES]]
-    head = ["run", "all", "blind", *QUESTION_TYPES]
+    cols = ["vqa_exact_match", "vqa_blind_exact_match", "vqa_warmup_exact_match",
+            *[f"vqa_{t}_exact_match" for t in QUESTION_TYPES]]
+    head = ["run", "all", "blind", "warm-up", *QUESTION_TYPES]
     lines = [" | ".join(f"{h:>8}" for h in head)]
     for label, metrics in rows:
         cells = [f"{metrics[c]:8.3f}" if isinstance(metrics.get(c), (int, float)) else f"{'-':>8}" for c in cols]
