@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import uuid
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from pe_lightning.io import crash_point, fsync_dir, write_text_atomic
+from pe_lightning.sharding import is_sharded
 
 
 class AtomicCheckpoint(L.Callback):
-    """Writes checkpoints/last.ckpt through a temporary file and `os.replace`.
+    """Writes checkpoints/last.ckpt through a temporary file and `os.replace` (under FSDP: `last.ckpt` is a
+    symlink to a sharded checkpoint folder, `last-<step>-<id>.ckpt/`, swapped the same way).
 
     A kill at any moment leaves either the previous checkpoint or the new one, never a torn file.
     SIGTERM / SIGINT (a cluster's preemption, Ctrl-C) make the stage save at the end of the current step
@@ -72,19 +76,45 @@ class AtomicCheckpoint(L.Callback):
             trainer.should_stop = True
 
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        tmp = self.path.with_name("last.ckpt.tmp")
+        sharded = is_sharded(trainer)
+        # Sharded (trainer.strategy=fsdp): each rank writes its slice into a fresh folder, published by swapping
+        # the `last.ckpt` symlink (os.replace of a link is atomic; of a non-empty folder it is impossible).
+        tmp = self.path.with_name(f"last-{trainer.global_step}-{uuid.uuid4().hex[:8]}.ckpt" if sharded
+                                  else "last.ckpt.tmp")
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         trainer.strategy.barrier()
-        trainer.save_checkpoint(tmp, weights_only=False)  # collective under FSDP; rank 0 writes
+        trainer.save_checkpoint(tmp, weights_only=False)  # collective under FSDP; rank 0's path is everyone's
         self._saved_step = trainer.global_step
         if trainer.is_global_zero:
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            crash_point()
-            os.replace(tmp, self.path)
-            fsync_dir(self.path.parent)
+            if sharded:
+                self._publish_folder(tmp)
+            else:
+                self._publish_file(tmp)
             progress = {"samples_seen": int(getattr(pl_module, "samples_seen", 0)), "step": trainer.global_step}
             write_text_atomic(self.root / "progress.json", json.dumps(progress))
         trainer.strategy.barrier()
 
+    def _publish_file(self, tmp: Path) -> None:
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        crash_point()
+        os.replace(tmp, self.path)
+        fsync_dir(self.path.parent)
+
+    def _publish_folder(self, folder: Path) -> None:
+        """Point `last.ckpt` at a complete sharded checkpoint folder, then delete the folders it replaced (and
+        any a crash left half written)."""
+        for file in folder.iterdir():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        fsync_dir(folder)
+        link = self.path.with_name("last.ckpt.link")
+        link.unlink(missing_ok=True)
+        link.symlink_to(folder.name)
+        crash_point()
+        os.replace(link, self.path)
+        fsync_dir(self.path.parent)
+        for old in self.path.parent.glob("last-*.ckpt"):
+            if old.name != folder.name:
+                shutil.rmtree(old, ignore_errors=True)

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from pe_lightning.callback_loader import build_callbacks
 from pe_lightning.progress import progress_callback
+from pe_lightning.sharding import build_strategy
 from pe_lightning.stages.base import PEStage
 
 log = logging.getLogger("pe_lightning")
@@ -37,7 +38,7 @@ def build_trainer(cfg: DictConfig, stage_root: Path, callbacks: list[L.Callback]
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=build_strategy(t.strategy),  # fsdp: FSDP2 (sharding.py), on CPU too
         precision=resolve_precision(t.precision),
         max_epochs=-1,  # a stage ends when it has seen train.total_samples (the stage stops the trainer)
         max_steps=-1,

@@ -95,7 +95,8 @@ def _stage_with_trainer(tiny_world, tmp_path, trainer, *overrides):
     return stage
 
 
-def test_lamb_under_fsdp_is_refused_with_the_fix(tiny_world, tmp_path):
+def test_lamb_under_lightnings_fsdp1_is_refused_with_the_fix(tiny_world, tmp_path):
+    """FSDP1 flattens weights together: no whole-weight norms. Our `fsdp` (FSDP2) runs LAMB (tests/test_fsdp.py)."""
     from types import SimpleNamespace
 
     from lightning.pytorch.strategies import FSDPStrategy
@@ -103,7 +104,7 @@ def test_lamb_under_fsdp_is_refused_with_the_fix(tiny_world, tmp_path):
     from pe_lightning.config import RecipeError
 
     fsdp = SimpleNamespace(strategy=FSDPStrategy(), world_size=1)
-    with pytest.raises(RecipeError, match=r"optim.name=lamb does not run under.*trainer.strategy=ddp"):
+    with pytest.raises(RecipeError, match=r"optim.name=lamb does not run under.*Use trainer.strategy=fsdp"):
         _stage_with_trainer(tiny_world, tmp_path, fsdp).configure_optimizers()
     adamw = _stage_with_trainer(tiny_world, tmp_path, fsdp, "optim.name=adamw").configure_optimizers()
     assert isinstance(adamw, torch.optim.AdamW)

@@ -91,6 +91,8 @@ class PEStage(L.LightningModule):
         self.schedule = self.build_schedule()
         self.lr_schedule = self._build_lr_schedule()
         self._fit_started_at = 0.0
+        self._replicated: list[nn.Parameter] = []  # under FSDP: the parameters every rank holds whole
+        self._unsharded = False  # under FSDP, after training: rank 0's self.model is the gathered whole network
         self.current_phase = self.phase()  # the phase of the batch being trained (set at batch start)
         if cfg.model.compile:
             self.compile_model()
@@ -170,8 +172,24 @@ class PEStage(L.LightningModule):
         ran. Default: nothing."""
 
     def eval_model(self) -> nn.Module:
-        """The model the eval callbacks evaluate (the trained network)."""
-        return self.model
+        """The model the eval callbacks evaluate (the trained network; under FSDP a collective, see
+        `whole_model`)."""
+        return self.whole_model()
+
+    def whole_model(self) -> nn.Module:
+        """The trained network with whole weights: `self.model`, or under FSDP a plain copy gathered from every
+        rank's shards. Under FSDP it is a collective (every rank calls it) and only global rank 0 gets the copy;
+        the other ranks get their sharded model back (they neither evaluate nor export)."""
+        from pe_lightning.sharding import is_sharded, whole_state_dict
+
+        if self._unsharded or not is_sharded(self._trainer):
+            return self.model
+        state = whole_state_dict(self.model)
+        if self.global_rank != 0:
+            return self.model
+        whole = self.build_model(None)  # the structure a resumed stage builds, weights from the shards
+        whole.load_state_dict(state)
+        return whole.to(self.device)
 
     def export(self, out_dir: Path) -> None:
         """Write this stage's weights in Meta's layout into `out_dir` (the manager makes the folder atomic)."""
@@ -304,17 +322,40 @@ class PEStage(L.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=float(o.grad_clip), gradient_clip_algorithm="norm")
 
     def _check_optimizer_fits_strategy(self) -> None:
-        """LAMB's trust ratio and its clipping need the norm of each whole weight and of the whole gradient;
-        FSDP shards both over ranks, so every rank would use a shard's norm: a silently different recipe."""
-        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+        """LAMB's trust ratio and its clipping need the norm of each whole weight and of the whole gradient.
+        Our `fsdp` (FSDP2, sharding.py) shards weight by weight and FusedLamb sums the slices' norms over the
+        ranks; Lightning's FSDP1 strategies flatten weights together, so every rank would use a slice's norm."""
+        from lightning.pytorch.strategies import FSDPStrategy
 
         strategy = getattr(self._trainer, "strategy", None)
-        if self.cfg.optim.name == "lamb" and isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+        if self.cfg.optim.name == "lamb" and isinstance(strategy, FSDPStrategy):
             raise RecipeError(
-                f"optim.name=lamb does not run under trainer.strategy={self.cfg.trainer.strategy}: LAMB scales "
-                "each weight's step by ||weight|| / ||update|| and FSDP holds only a shard of each weight per "
-                "rank. Use trainer.strategy=ddp (PE-Core-G, 2.4B parameters with its text tower, needs ~36 GiB per "
-                "GPU for fp32 weights, gradients and LAMB state), or optim.name=adamw with FSDP")
+                f"optim.name=lamb does not run under trainer.strategy={self.cfg.trainer.strategy} (Lightning's "
+                "FSDP1, which flattens weights together, so no rank sees a whole weight's norm). Use "
+                "trainer.strategy=fsdp (FSDP2, weight by weight: LAMB's norms are summed over the shards) or ddp")
+
+    # ----- sharding (trainer.strategy=fsdp) -----
+    def configure_model(self) -> None:
+        """Under FSDP (Lightning calls this with the device mesh set), shard the trained network block by block
+        (sharding.py). Other strategies: nothing to do."""
+        from pe_lightning.sharding import is_sharded, mixed_precision_policy, shard_module
+
+        if not is_sharded(self._trainer) or any(hasattr(p, "placements") for p in self.model.parameters()):
+            return  # not FSDP, or already sharded (Lightning may call this more than once)
+        policy = mixed_precision_policy(str(self.trainer.precision))
+        for module in self.sharded_modules():
+            self._replicated += shard_module(module, self.device_mesh["data_parallel"], policy)
+
+    def sharded_modules(self) -> tuple[nn.Module, ...]:
+        """The trained networks FSDP shards (default: the model; distill adds its feature projector)."""
+        return (self.model,)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Under FSDP: average the gradients of the parameters every rank holds whole (DDP would have)."""
+        if self._replicated:
+            from pe_lightning.sharding import average_replicated_grads
+
+            average_replicated_grads(self._replicated, self.device_mesh["data_parallel"].get_group())
 
     def trainable_module(self) -> nn.Module:
         return self.model
@@ -328,8 +369,20 @@ class PEStage(L.LightningModule):
 
     def _finish_once(self) -> None:
         if not self.training_finished:
-            self.finish_training()
+            self._unshard()
+            if self.global_rank == 0 or not self._unsharded:  # under FSDP the other ranks keep only shards
+                self.finish_training()
             self.training_finished = True
+
+    def _unshard(self) -> None:
+        """Under FSDP, once training is over: rank 0's `self.model` becomes the gathered whole network, so that
+        finish_training (the video stage's blend), the evals and the export read whole weights as on one
+        process. Every rank runs this (a collective)."""
+        from pe_lightning.sharding import is_sharded
+
+        if is_sharded(self._trainer) and not self._unsharded:
+            self.model = self.whole_model()
+            self._unsharded = True
 
     def on_train_end(self) -> None:
         """Bad samples skipped during the stage, per reason, summed over ranks, into metrics.json:

@@ -304,6 +304,10 @@ class DistillStage(PEStage):
             parts["projector"] = self.distill_loss.projector
         return nn.ModuleDict(parts)
 
+    def sharded_modules(self) -> tuple[nn.Module, ...]:
+        """Under FSDP: the student and the feature term's projector (trained, not exported), each sharded."""
+        return tuple(self.trainable_module().values())
+
     def configure_optimizers(self):
         optimizer = super().configure_optimizers()
         if self.scratch is not None:

@@ -98,6 +98,11 @@ def _all_cuda(groups: Sequence[dict[str, Any]]) -> bool:
     return bool(params) and all(p.is_cuda for p in params)
 
 
+def _any_sharded(groups: Sequence[dict[str, Any]]) -> bool:
+    """Parameters sharded as DTensors (trainer.strategy=fsdp)."""
+    return any(hasattr(p, "placements") for g in groups for p in g["params"])
+
+
 def build_optimizer(
     model: Union[nn.Module, Sequence[dict[str, Any]]],
     name: str,
@@ -117,7 +122,8 @@ def build_optimizer(
       `always_adapt` (timm's name; recipe `optim.lamb_always_adapt`). With `compile`
       (recipe `optim.compile`, the default), our `FusedLamb`: a fused compiled update per tensor, no host
       syncs, ~3x faster than timm's on CPU and GPU. Without it, `timm.optim.Lamb`. The two agree to float
-      rounding (tests/test_lamb.py) and share their state layout, so a run may switch between them.
+      rounding (tests/test_lamb.py) and share their state layout, so a run may switch between them. Sharded
+      parameters (FSDP2) always get `FusedLamb` (eager without `compile`): it sums the norms over the shards.
     - 'adamw': `torch.optim.AdamW`, `fused=True` when every parameter is on CUDA, `foreach=True` otherwise.
       It does not clip: the Trainer does (`trainer_clip_value`).
 
@@ -131,11 +137,11 @@ def build_optimizer(
     betas = (float(betas[0]), float(betas[1]))
     if key == "lamb":
         max_grad_norm = float(grad_clip) if grad_clip else None
-        if compile:
+        if compile or _any_sharded(groups):  # timm's Lamb would take a shard's norm for the weight's
             from pe_lightning.stages.lamb import FusedLamb
 
             return FusedLamb(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                             max_grad_norm=max_grad_norm, compile=True, always_adapt=always_adapt, **kwargs)
+                             max_grad_norm=max_grad_norm, compile=compile, always_adapt=always_adapt, **kwargs)
         from timm.optim import Lamb
 
         return Lamb(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
