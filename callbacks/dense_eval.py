@@ -1,9 +1,12 @@
 """Dense-probe mIoU of a stage's patch tokens at the end of training, beside its parent's per-layer curve.
 
-Recipe: `callbacks: [{name: dense_eval, args: {parent: true, batch_size: 128, max_iter: 50}}]`.
+Recipe: `callbacks: [{name: dense_eval, args: {parent: true, batch_size: 128, max_iter: 50, dense_set: null}}]`.
 The probe is pe_lightning/eval/probes.py's dense probe (a 1x1-conv on standardised frozen patch tokens, fit on
 the `train` split of the labelled mask set, mIoU on its `test` split; on the shapes world `<data.root>/
-zeroshot/test`: background + the 6 shapes), at the stage's training resolution. Keys of export/metrics.json:
+zeroshot/test`: background + the 6 shapes), at the stage's training resolution. `dense_set` picks the set
+(single | multi | a folder, eval/probe_run.dense_set_dir); None = the stage's own `dense_set` key
+(spatial.dense_set) where it has one, else single. A parent curve the stage already measured on the same set,
+resolution and probe (spatial.teacher_layer=auto) is reused. Keys of export/metrics.json:
   dense_miou                  the trained model's last layer (its output tokens)
   dense_class_iou             its per-class IoU (None where a class is absent from target and prediction)
   parent_dense_miou           the parent's last layer (with `parent`)
@@ -23,47 +26,27 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from pe_lightning.eval.probe_run import IGNORE, dense_classes, probe_set_dir, split_features
-from pe_lightning.eval.probes import dense_probe_fit
+from pe_lightning.eval.dense_curve import dense_curve, dense_targets  # noqa: F401  (dense_targets: re-exported)
+from pe_lightning.eval.probe_run import dense_set_dir
 
 log = logging.getLogger("pe_lightning")
 
 
-def dense_targets(masks: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-    """Semantic ids (1 + label, 0 = background) -> dense classes through `lut`; ids past it are ignored."""
-    masks = masks.long()
-    out = lut[masks.clamp(0, len(lut) - 1)]
-    out[masks >= len(lut)] = IGNORE
-    return out
-
-
-def dense_curve(visual, set_dir: Path, layers: list[int], image_size: int, batch_size: int,
-                device: torch.device, max_iter: int) -> dict[int, dict]:
-    """layer -> {"miou", "class_iou"} of the dense probe on `layers` of `visual`, features in one pass."""
-    train, classnames = split_features(visual, set_dir, "train", layers, image_size, batch_size, device, True)
-    test, _ = split_features(visual, set_dir, "test", layers, image_size, batch_size, device, True)
-    if train.masks is None or test.masks is None:
-        raise FileNotFoundError(f"dense_eval: {set_dir} has no .mask.png masks to probe")
-    names, lut = dense_classes(classnames)
-    train_y, test_y = dense_targets(train.masks, lut), dense_targets(test.masks, lut)
-    out = {}
-    for k in layers:
-        fit = dense_probe_fit(train.maps[k].to(device), train_y.to(device), test.maps[k].to(device),
-                              test_y.to(device), len(names), max_iter=max_iter, ignore_index=IGNORE)
-        out[k] = {"miou": fit.miou, "class_iou": fit.class_iou}
-    return out
-
-
 class DenseEval(L.Callback):
-    def __init__(self, cfg, parent: bool = True, batch_size: int = 128, max_iter: int = 50):
+    def __init__(self, cfg, parent: bool = True, batch_size: int = 128, max_iter: int = 50, dense_set=None):
         self.cfg = cfg
+        self.dense_set = dense_set
         self.parent = parent  # also the parent's per-layer curve, under `parent_` keys
         self.batch_size = batch_size
         self.max_iter = max_iter  # L-BFGS iterations of the probe (probe_run's default: 50)
 
     @property
     def set_dir(self) -> Path:
-        return probe_set_dir(self.cfg.data.root)
+        chosen = self.dense_set
+        if chosen is None:
+            section = self.cfg.get(self.cfg.get("stage", ""), None) if hasattr(self.cfg, "get") else None
+            chosen = section.get("dense_set", None) if section is not None and hasattr(section, "get") else None
+        return dense_set_dir(self.cfg.data.root, chosen)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for split in ("train", "test"):
@@ -91,8 +74,14 @@ class DenseEval(L.Callback):
         parent = pl_module.parent_model() if self.parent else None
         if parent is not None:
             pv = parent.visual
-            curve = dense_curve(pv, self.set_dir, list(range(1, pv.layers + 1)), res, self.batch_size, device,
-                                self.max_iter)
+            memo = getattr(pl_module, "parent_curve_memo", None) or {}
+            init = getattr(pl_module, "parents", {}).get("init")
+            want = (str(self.set_dir), res, self.max_iter, str(init.weights) if init is not None else None)
+            if memo.get("key") == want and sorted(memo["curve"]) == list(range(1, pv.layers + 1)):
+                curve = memo["curve"]  # measured at the start on the same parent, set, resolution and probe
+            else:
+                curve = dense_curve(pv, self.set_dir, list(range(1, pv.layers + 1)), res, self.batch_size, device,
+                                    self.max_iter)
             best = max(curve, key=lambda k: (curve[k]["miou"], -k))  # ties to the earlier layer
             metrics.update({
                 "parent_dense_miou": curve[pv.layers]["miou"],

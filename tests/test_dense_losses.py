@@ -167,3 +167,32 @@ def test_gram_mse_gradient_only_to_student_and_descends():
         gram_mse_loss(s, t).backward()
         opt.step()
     assert gram_mse_loss(s, t).item() < 0.2 * first
+
+
+def test_gram_mse_remove_negative_clamps_target_and_student_as_dinov3():
+    # target negative, student orthogonal: only the target is clamped -> 0
+    s, t = _tok([1.0, 0.0], [0.0, 1.0]), _tok([1.0, 0.0], [-1.0, 0.0])
+    assert gram_mse_loss(s, t).item() == pytest.approx(0.5)
+    assert gram_mse_loss(s, t, remove_negative=True).item() == pytest.approx(0.0)
+    # both negative at different values: both clamped to 0 -> 0; positive pairs still count
+    s, t = _tok([1.0, 0.0], [-0.6, 0.8]), _tok([1.0, 0.0], [-1.0, 0.0])
+    assert gram_mse_loss(s, t, remove_negative=True).item() == pytest.approx(0.0)
+    s, t = _tok([1.0, 0.0], [0.6, 0.8]), _tok([1.0, 0.0], [1.0, 0.0])
+    assert gram_mse_loss(s, t, remove_negative=True).item() == pytest.approx(2 * 0.4 ** 2 / 4)
+
+
+def test_gram_mse_centre_tokens_subtracts_each_images_mean_token():
+    from pe_lightning.stages.dense_losses import centre_tokens
+
+    torch.manual_seed(4)
+    s, t = torch.randn(2, 5, 4), torch.randn(2, 5, 7)
+    shift_s, shift_t = torch.randn(2, 1, 4) * 50, torch.randn(2, 1, 7) * 50  # a large component every token shares
+    # centred, a per-image shared offset does not matter; uncentred it dominates the cosines
+    centred = gram_mse_loss(s + shift_s, t + shift_t, centre=True)
+    assert centred.item() == pytest.approx(gram_mse_loss(s, t, centre=True).item(), abs=1e-5)
+    assert gram_mse_loss(s + shift_s, t + shift_t).item() == pytest.approx(0.0, abs=0.05)
+    assert centred.item() > 0.1
+    sel = torch.ones(2, 5, dtype=torch.bool)
+    c_s, c_t = s - s.mean(1, keepdim=True), t - t.mean(1, keepdim=True)
+    assert centred.item() == pytest.approx(_reference_gram_mse(c_s, c_t, sel), abs=1e-5)
+    torch.testing.assert_close(centre_tokens(s).mean(1), torch.zeros(2, 4), atol=1e-6, rtol=0)

@@ -340,3 +340,129 @@ def test_two_ddp_processes_train_as_one(tiny_world, tmp_path, parent):
     assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-3  # it trained: the check has teeth
     for key in one:
         torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+# ----- #29: locality target, teacher layer, masking, optimiser ---------------------------------------------
+def test_centre_tokens_and_remove_negative_reach_the_gram_term(tiny_world, tmp_path, parent, cache_dir):
+    batch = _batch(b=2, ratio=0.0)
+    keys = ("spatial.drop_path=0", "spatial.mask_ratio=0", "spatial.self_distill_weight=0")
+    for extra, centre, neg in ((("spatial.centre_tokens=true",), True, False),
+                               (("spatial.remove_negative=true",), False, True),
+                               ((), False, False)):
+        stage = _stage(tiny_world, tmp_path, parent, cache_dir, *keys, *extra)
+        loss = stage.loss(batch, stage.phase())
+        s = stage.model.visual.forward_features(batch["image"])[:, 1:]
+        t = batch["target"]
+        if centre:
+            s, t = s - s.mean(1, keepdim=True), t - t.mean(1, keepdim=True)
+        s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
+        gs, gt = s @ s.transpose(1, 2), t @ t.transpose(1, 2)
+        if neg:
+            gs, gt = gs.clamp_min(0), gt.clamp_min(0)
+        torch.testing.assert_close(loss, ((gs - gt) ** 2).mean())
+    assert stage.args.centre_tokens is False and stage.args.remove_negative is False  # defaults: today's loss
+
+
+def test_graded_oracle_keys_choose_their_own_cache(tiny_world, tmp_path, parent, cache_dir):
+    stage = _stage(tiny_world, tmp_path, parent, "null", "spatial.oracle.kind=graded", "spatial.oracle.radius=0.3")
+    assert stage.cache_dir().name == "oracle-graded-c0.1-r0.3-g32-t4-d128"
+    dm = stage.datamodule()
+    assert dm.oracle == {"kind": "graded", "clip": 0.1, "radius": 0.3}
+    assert _stage(tiny_world, tmp_path, parent, "null").cache_dir().name == "oracle-g32-t4-d128"  # as before
+    with pytest.raises(RecipeError, match="spatial.oracle.kind"):
+        _stage(tiny_world, tmp_path, parent, cache_dir, "spatial.oracle.kind=soft")
+    # the datamodule builds the graded cache with the graded teacher's arguments
+    cache = tmp_path / "graded"
+    _datamodule(tiny_world, cache, grid=4, oracle={"kind": "graded", "clip": 0.1, "radius": 0.3}).setup()
+    settings = json.loads((cache / "cache.json").read_text())["settings"]
+    assert settings["teacher_args"] == {"grid": 4, "magnitude": 10.0, "kind": "graded", "clip": 0.1, "radius": 0.3}
+    assert json.loads((cache / "index.json").read_text())["target_effective_rank"]["mean"] > 1.0
+
+
+def test_teacher_layer_auto_is_the_argmax_of_the_parents_dense_curve(tiny_world, tmp_path, parent, cache_dir,
+                                                                      monkeypatch):
+    import pe_lightning.eval.dense_curve as dc
+
+    calls = []
+
+    def fake_curve(visual, set_dir, layers, image_size, batch_size, device, max_iter):
+        calls.append((visual.layers, Path(set_dir), list(layers), image_size))
+        return {1: {"miou": 0.3, "class_iou": []}, 2: {"miou": 0.2, "class_iou": []}}
+
+    monkeypatch.setattr(dc, "dense_curve", fake_curve)
+    stage = _stage(tiny_world, tmp_path, parent, cache_dir, "spatial.teacher_layer=auto")
+    assert stage.teacher_layer == 1 and stage.teacher.layers == 1  # layer 1 wins, not round(41/50 * 2) = 2
+    assert calls == [(2, tiny_world / "zeroshot" / "test", [1, 2], 32)]  # the full parent at the stage's resolution
+    assert stage.metrics["teacher_layer"] == 1 and stage.metrics["teacher_layer_rule"] == "auto"
+    assert stage.metrics["teacher_layer_curve"] == [{"layer": 1, "score": 0.3}, {"layer": 2, "score": 0.2}]
+    # an explicit layer still works and is recorded; the default (0) keeps the paper's ratio
+    assert _stage(tiny_world, tmp_path, parent, cache_dir, "spatial.teacher_layer=2").metrics["teacher_layer"] == 2
+    assert _stage(tiny_world, tmp_path, parent, cache_dir).teacher_layer == default_teacher_layer(2)
+    assert len(calls) == 1
+    with pytest.raises(RecipeError, match="teacher_layer"):
+        _stage(tiny_world, tmp_path, parent, cache_dir, "spatial.teacher_layer=best")
+    # the end-of-stage evaluation reuses the curve measured at the start (same parent, set, resolution, probe)
+    from callbacks.dense_eval import DenseEval
+
+    cb = DenseEval(stage.cfg)
+    assert cb.set_dir == tiny_world / "zeroshot" / "test"
+    assert stage.parent_curve_memo["key"] == (str(cb.set_dir), 32, cb.max_iter, str(Export.at(parent).weights))
+
+
+def test_teacher_layer_auto_runs_the_real_probe(tiny_world, tmp_path, parent, cache_dir):
+    stage = _stage(tiny_world, tmp_path, parent, cache_dir, "spatial.teacher_layer=auto")
+    curve = stage.metrics["teacher_layer_curve"]
+    scores = [c["score"] for c in curve]
+    assert [c["layer"] for c in curve] == [1, 2] and all(0 <= s <= 1 for s in scores)
+    assert stage.teacher_layer == 1 + max(range(2), key=lambda i: (scores[i], -i))
+
+
+def test_the_mask_token_travels_through_exports_in_a_side_file(tiny_world, tmp_path, parent, cache_dir):
+    from pe_lightning.models import load_checkpoint
+    from pe_lightning.models.checkpoint import mask_token_path, read_mask_token
+
+    torch.manual_seed(3)
+    masked = build_model("tiny", vision={**VISION, "use_mask_token": True}, text=TEXT)
+    folder = tmp_path / "masked_parent"
+    folder.mkdir()
+    export_checkpoint(masked, folder / "model.pt")
+    write_model_json(masked, folder)
+    side = folder / "model.mask_token.pt"
+    assert mask_token_path(folder / "model.pt") == side and side.is_file()
+    assert "visual.mask_token" not in torch.load(folder / "model.pt", weights_only=True)  # Meta's keys only
+    torch.testing.assert_close(read_mask_token(folder / "model.pt"), masked.visual.mask_token.detach())
+    # a stage that never masks (video with mask_reg off) carries it to its own export
+    plain = build_model("tiny", vision=VISION, text=TEXT)
+    report = load_checkpoint(plain, folder / "model.pt")
+    assert report.mask_token_file == str(side)
+    export_checkpoint(plain, tmp_path / "carried" / "model.pt")
+    torch.testing.assert_close(read_mask_token(tmp_path / "carried" / "model.pt"), masked.visual.mask_token.detach())
+    # spatial.mask_token=parent: the student starts from it; the default (fresh) draws a new one
+    export = Export.at(folder)
+    cfg = _cfg(tiny_world, tmp_path, folder, cache_dir, "spatial.mask_token=parent")
+    student = SpatialStage(cfg, parents={"init": export, "teacher": export}).model.visual
+    torch.testing.assert_close(student.mask_token.detach(), masked.visual.mask_token.detach())
+    fresh = SpatialStage(_cfg(tiny_world, tmp_path, folder, cache_dir),
+                         parents={"init": export, "teacher": export}).model.visual
+    assert not torch.equal(fresh.mask_token.detach(), masked.visual.mask_token.detach())
+    # a parent without the side file is a clear error for mask_token=parent
+    with pytest.raises(RecipeError, match="mask-token side file"):
+        _stage(tiny_world, tmp_path, parent, cache_dir, "spatial.mask_token=parent")
+    # the student's own export writes its token beside its Meta-layout file
+    stage = SpatialStage(cfg, parents={"init": export, "teacher": export})
+    out = tmp_path / "spatial_export"
+    out.mkdir()
+    stage.export(out)
+    assert "visual.mask_token" not in torch.load(out / "model.pt", weights_only=True)
+    torch.testing.assert_close(read_mask_token(out / "model.pt"), stage.model.visual.mask_token.detach())
+
+
+def test_no_decay_lr_scale_reaches_the_spatial_optimiser(tiny_world, tmp_path, parent, cache_dir):
+    def groups(*extra):
+        stage = _stage(tiny_world, tmp_path, parent, cache_dir, "optim.name=lamb", *extra)
+        opt = stage.configure_optimizers()
+        opt = opt["optimizer"] if isinstance(opt, dict) else opt[0] if isinstance(opt, (list, tuple)) else opt
+        return {g.get("group_name"): g.get("lr_scale", 1.0) for g in opt.param_groups}
+
+    assert groups()["no_decay"] == 1.0  # the default: today's optimiser
+    assert groups("optim.no_decay_lr_scale=0.1667")["no_decay"] == pytest.approx(0.1667)

@@ -421,3 +421,90 @@ def test_samples_without_a_mask_are_skipped_and_counted(world, tmp_path):
     assert len(cache) == 1 and raws[0]["__key__"] in cache
     with pytest.raises(DataError, match=f"no entry for sample '{raws[1]['__key__']}'"):
         cache.lookup([raws[1]["__key__"]])
+
+
+# ---------------------------------------------------------------------------------------------- graded oracle (#29)
+
+def test_edt_and_signed_distance_are_exact_up_to_the_limit():
+    from pe_lightning.teachers.oracle import edt_to, signed_distance
+
+    torch.manual_seed(0)
+    targets = torch.rand(3, 13, 17) > 0.95
+    targets[:, 6, 8] = True
+    ys, xs = torch.meshgrid(torch.arange(13.0), torch.arange(17.0), indexing="ij")
+    for b in range(3):
+        pts = targets[b].nonzero().float()
+        ref = ((ys[..., None] - pts[:, 0]) ** 2 + (xs[..., None] - pts[:, 1]) ** 2).sqrt().amin(-1)
+        torch.testing.assert_close(edt_to(targets[b], 4.5), ref.clamp_max(4.5))
+    square = torch.zeros(9, 9, dtype=torch.bool)
+    square[2:7, 2:7] = True
+    sd = signed_distance(square, 10.0)
+    assert sd[4, 4] == 2.5 and sd[2, 4] == 0.5 and sd[1, 4] == -0.5 and sd[0, 4] == -1.5  # boundary between pixels
+
+
+def test_graded_oracle_is_graded_local_and_follows_the_front_object():
+    inst = torch.zeros(1, 32, 32, dtype=torch.long)
+    inst[0, 4:20, 4:20] = 1  # a large square
+    inst[0, 12:20, 12:20] = 2  # a second object in front of its corner: the instance map holds visible pixels
+    teacher = OracleTeacher(grid=4, kind="graded", clip=0.1, radius=0.25, magnitude=10.0)
+    out = teacher(torch.zeros(1, 3, 32, 32), instance=inst)[0]  # [16, 32, 32]; point c at ((c%4+.5)*8, (c//4+.5)*8)
+    # point (4, 4) (c = 0) is on object 1: +m deep inside, 0 near its boundary, -m far away, and -m on object 2
+    assert out[0, 8, 8] == pytest.approx(10.0) and out[0, 30, 30] == pytest.approx(-10.0)
+    assert abs(float(out[0, 4, 10])) < 10.0 * 0.5 / 3.2 + 1e-6  # the first row inside: sd = 0.5 px, clip 3.2 px
+    assert out[0, 16, 16] == pytest.approx(-10.0 * 3.5 / 3.2 if 3.5 < 3.2 else -10.0)
+    assert torch.equal(out[0] > 0, inst[0] == 1)  # the sign is the front object's visible mask
+    # point (20, 20) (c = 10) is on object 2, the front one: its own mask
+    assert torch.equal(out[10] > 0, inst[0] == 2)
+    # point (28, 28) (c = 15) is background: only the background within radius 8 px answers, not the far corner
+    bg = out[15]
+    assert bg[28, 28] > 0 and bg[30, 30] > 0
+    assert bg[2, 28] == pytest.approx(-10.0) and bg[28, 2] == pytest.approx(-10.0)  # background, but far
+    assert (bg[inst[0] > 0] < 0).all()
+    # binary (the default) answers the whole background: far background corners are +m
+    binary = OracleTeacher(grid=4)(torch.zeros(1, 3, 32, 32), instance=inst)[0]
+    assert binary[15, 2, 28] == 10.0
+
+
+def test_graded_oracle_target_has_a_higher_effective_rank_and_follows_flips(world):
+    from pe_lightning.teachers.cache import effective_rank
+
+    raws = _samples(world)
+    images, insts = zip(*(_image_and_instance(r) for r in raws))
+    images, insts = torch.stack(images), torch.stack(insts)
+    tok = lambda f: f.flatten(2).transpose(1, 2)  # noqa: E731
+    binary = tok(OracleTeacher(grid=GRID)(images, out_size=(TOKENS, TOKENS), instance=insts))
+    graded_teacher = OracleTeacher(grid=GRID, kind="graded")
+    graded = graded_teacher(images, out_size=(TOKENS, TOKENS), instance=insts)
+    rb, rg = effective_rank(binary), effective_rank(tok(graded))
+    assert rg.mean() > rb.mean() + 0.5 and (rg >= rb - 1e-3).all()
+    one = torch.tensor([[1.0, 0.0]] * 3 + [[-1.0, 0.0]] * 2)[None]  # every token +-1 times one vector: rank 1
+    assert effective_rank(one).item() == pytest.approx(1.0, abs=1e-5)
+    assert effective_rank(torch.eye(6)[None]).item() == pytest.approx(6.0, abs=1e-4)
+    flipped = graded_teacher(images.flip(-1), out_size=(TOKENS, TOKENS), instance=insts.flip(-1))
+    torch.testing.assert_close(cosine_gram(tok(flipped)), cosine_gram(tok(graded.flip(-1))), atol=1e-4, rtol=0)
+
+
+def test_cache_reports_the_target_effective_rank_beside_the_error(world, cache_dir, tmp_path, capsys):
+    from pe_lightning.teachers.cache import effective_rank
+    from pe_lightning.teachers.cli import main
+
+    index = json.loads((cache_dir / INDEX_FILE).read_text())
+    rec = json.loads((cache_dir / "00001.json").read_text())
+    ranks = []
+    for raw in _samples(world, "00001.tar"):
+        image, inst = _image_and_instance(raw)
+        full = OracleTeacher(grid=GRID)(image[None], out_size=(TOKENS, TOKENS), instance=inst[None])
+        ranks.append(effective_rank(full.flatten(2).transpose(1, 2)))
+    ranks = torch.cat(ranks)
+    r = rec["target_effective_rank"]
+    assert r["images"] == 16 and r["mean"] == pytest.approx(ranks.mean().item(), rel=1e-5)
+    assert r["min"] == pytest.approx(ranks.min().item(), rel=1e-5) and r["max"] == pytest.approx(ranks.max().item())
+    assert index["target_effective_rank"]["images"] == 64 and index["target_effective_rank"]["mean"] >= 1.0
+    out = tmp_path / "graded"
+    assert main(["oracle", "--data", str(world), "--out", str(out), "--grid", "4", "--tokens", "4",
+                 "--kind", "graded"]) == 0
+    assert "effective rank" in capsys.readouterr().out
+    settings = json.loads((out / "cache.json").read_text())["settings"]
+    assert settings["teacher_args"] == {"grid": 4, "magnitude": 10.0, "kind": "graded", "clip": 0.1, "radius": 0.25}
+    binary = json.loads((cache_dir / "cache.json").read_text())["settings"]["teacher_args"]
+    assert "kind" not in binary  # the binary oracle's settings are as before: existing caches stay valid

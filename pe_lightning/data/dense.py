@@ -110,10 +110,15 @@ class DenseDecoder(ImageTextDecoder):
                 "patch_mask": torch.stack([s["patch_mask"] for s in samples])}
 
 
-def default_cache_dir(data_cfg: Any, teacher: str, grid: int, tokens: int, dim: int) -> Path:
+def default_cache_dir(data_cfg: Any, teacher: str, grid: int, tokens: int, dim: int,
+                      oracle: Optional[dict] = None) -> Path:
     """`<data.root>/teacher_cache/<teacher>-g<grid>-t<tokens>-d<dim>`, with `-<8 hex>` of the source list when
-    `data.train` names its own shards (one cache folder holds the cache of one source list)."""
-    name = f"{teacher}-g{int(grid)}-t{int(tokens)}-d{int(dim)}"
+    `data.train` names its own shards (one cache folder holds the cache of one source list); a graded oracle
+    (`oracle` = its kind, clip and radius) is `oracle-graded-c<clip>-r<radius>-g...`."""
+    label = teacher
+    if oracle:
+        label += f"-{oracle['kind']}-c{float(oracle['clip']):g}-r{float(oracle['radius']):g}"
+    name = f"{label}-g{int(grid)}-t{int(tokens)}-d{int(dim)}"
     sources = [[str(s.urls), float(s.weight)] for s in (data_cfg.train or [])]
     if sources:
         name += "-" + hashlib.sha1(json.dumps(sources).encode()).hexdigest()[:8]
@@ -130,12 +135,13 @@ class DenseDataModule(StreamDataModule):
 
     def __init__(self, cfg: Any, cache_dir: str | Path, tokens: int, mask_ratio: float, seed: int = 0,
                  teacher: str = "oracle", grid: int = 32, dim: int = 128, build: bool = True,
-                 magnitude: float = 10.0, **kwargs: Any):
+                 magnitude: float = 10.0, oracle: Optional[dict] = None, **kwargs: Any):
         super().__init__(cfg, tokenize=None, seed=seed, **kwargs)
         self.cache_dir = Path(cache_dir)
         self.tokens, self.mask_ratio = int(tokens), float(mask_ratio)
         self.teacher, self.grid, self.dim, self.build = teacher, int(grid), int(dim), bool(build)
         self.magnitude = float(magnitude)
+        self.oracle = dict(oracle or {})  # the oracle's kind, clip, radius when not the binary default
         self._cache = None
 
     # ----- the teacher cache -----
@@ -166,7 +172,7 @@ class DenseDataModule(StreamDataModule):
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI; effective before OpenMP starts
         shards = self._source_shards()
         log.info("teacher cache: building the oracle cache of %d shards in %s", len(shards), self.cache_dir)
-        kw = {"grid": self.grid, "magnitude": self.magnitude}
+        kw = {"grid": self.grid, "magnitude": self.magnitude, **self.oracle}
         rank, world = self._resolve_rank()
         summary = build_cache(build_teacher("oracle", **kw), shards, self.cache_dir, tokens=self.tokens,
                               dim=self.dim, rank=rank, world=world, teacher_args=kw)

@@ -6,6 +6,11 @@ Formats (PE_REFERENCE.md section 5):
   maybe prefixed `module.`; vision keys under `visual.` (CLIP files) or bare (vision-only Lang/Spatial files),
   text keys and `logit_scale` at top level. Ours may add `visual.stem.*` (tiny's conv stem, instead of
   `visual.conv1.weight`) and `visual.mask_token` (only when exported with `include_mask_token=True`).
+  By default a model's learned mask token goes to a **side file** instead, `<weights stem>.mask_token.pt`
+  beside the weights (`{"mask_token": [W] tensor}`, see `mask_token_path`): Meta's `load_ckpt`
+  (strict=False) would only log an extra `visual.mask_token`, but timm's and open_clip's converters load
+  strictly and would refuse it, so model.pt keeps exactly Meta's keys and the side file carries the token to
+  the next stage (PE-Spatial's student starts from its parent's token: spatial.mask_token=parent).
 * ``open_clip``: `visual.trunk.*` = timm's Eva keys, `text.*` = Meta's text keys, `logit_scale`.
 * ``timm``: a bare `vit_pe_*` state dict (vision only).
 
@@ -14,7 +19,11 @@ The timm -> Meta mapping below is the inverse of timm's own `_convert_pe` (timm/
 Loading is strict: missing keys, unexpected keys and shape mismatches raise `CheckpointError` naming the
 first few of each with counts and the preset. Explicit, reported exceptions:
 * fixed buffers (`rope.*` frequencies, `attn_mask`) in a file are dropped;
-* a missing `mask_token` keeps the model's initial value (Meta's files have none);
+* a missing `mask_token` keeps the model's initial value (Meta's files have none), unless a side file
+  `<stem>.mask_token.pt` lies beside a weights path: then the model's token is loaded from it; a model without
+  a mask token keeps the side file's token as `visual.carried_mask_token` (a plain attribute, in no state
+  dict) so that its own export writes it on (a stage that never masks passes its parent's token through;
+  a resumed stage builds its model without loading the parent, so its export then has no side file);
 * a vision-only target (a `VisionTransformer`, or a vision-only `PECLIP`) drops a file's text keys;
 * a truncated tower (`cfg.truncated_from` set: `truncate(k)` or the PE-Lang presets) drops the file's
   blocks >= k and its `ln_post` / `attn_pool` / `proj` when the model has none.
@@ -58,6 +67,7 @@ class LoadReport:
     loaded: int = 0
     dropped: List[str] = field(default_factory=list)  # file keys dropped on purpose (see module doc)
     kept_at_init: List[str] = field(default_factory=list)  # model keys absent from the file, kept (mask_token)
+    mask_token_file: Optional[str] = None  # the side file the mask token came from (loaded or carried)
     resized: List[str] = field(default_factory=list)  # keys resampled to the model's grid
     missing: List[str] = field(default_factory=list)  # only non-empty with strict=False
     unexpected: List[str] = field(default_factory=list)  # only non-empty with strict=False
@@ -331,6 +341,14 @@ def load_checkpoint(model: nn.Module, src: Source, *, strict: bool = True,
                 provided[k] = resample_posemb(provided[k].float(), npt, (visual.posemb_grid,) * 2).to(provided[k].dtype)
                 report.resized.append(k)
 
+    side = read_mask_token(src) if isinstance(src, (str, os.PathLike)) else None
+    if side is not None and prefix + "mask_token" in expected and prefix + "mask_token" not in provided:
+        provided[prefix + "mask_token"] = side
+        report.mask_token_file = str(mask_token_path(src))
+    elif side is not None and getattr(visual, "mask_token", None) is None:
+        if side.shape == (visual.width,):
+            visual.carried_mask_token = side.clone()
+            report.mask_token_file = str(mask_token_path(src))
     missing = [k for k in expected if k not in provided]
     for k in list(missing):
         if k == prefix + "mask_token":  # Meta's files have none: keep the model's initial value
@@ -375,7 +393,44 @@ def load_checkpoint(model: nn.Module, src: Source, *, strict: bool = True,
         log.info("checkpoint %s: kept at init %s", where, report.kept_at_init)
     if report.resized:
         log.info("checkpoint %s: resampled %s to the model's grid", where, report.resized)
+    if report.mask_token_file:
+        log.info("checkpoint %s: mask token from %s", where, report.mask_token_file)
     return report
+
+
+MASK_TOKEN_SUFFIX = ".mask_token.pt"
+
+
+def mask_token_path(weights: Union[str, os.PathLike]) -> Path:
+    """The mask token's side file of a weights file: `model.pt` -> `model.mask_token.pt` (module docstring)."""
+    weights = Path(weights)
+    return weights.with_name(weights.stem + MASK_TOKEN_SUFFIX)
+
+
+def read_mask_token(weights: Union[str, os.PathLike]) -> Optional[torch.Tensor]:
+    """The `[W]` mask token of the side file beside `weights`, or None when there is none."""
+    path = mask_token_path(weights)
+    if not path.is_file():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        token = blob["mask_token"]
+    except Exception as e:
+        raise CheckpointError(f"mask-token side file {path} is unreadable ({type(e).__name__}: {e}); delete it "
+                              "or re-export its weights") from None
+    if not isinstance(token, torch.Tensor) or token.ndim != 1:
+        raise CheckpointError(f"mask-token side file {path} holds no [width] tensor under 'mask_token'")
+    return token
+
+
+def _mask_token_to_carry(model: nn.Module) -> Optional[torch.Tensor]:
+    """The model's own learned mask token, else the one it carries from its parent's side file, else None."""
+    model = _unwrap_module(model)
+    visual = _unwrap_module(model.visual) if isinstance(model, PECLIP) else model
+    token = getattr(visual, "mask_token", None)
+    if token is None:
+        token = getattr(visual, "carried_mask_token", None)
+    return None if token is None else token.detach().cpu().float().contiguous().clone()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -411,7 +466,13 @@ def save_state_dict_atomic(sd: Mapping[str, torch.Tensor], path: Union[str, os.P
 
 
 def export_checkpoint(model: nn.Module, path: Union[str, os.PathLike], *, include_mask_token: bool = False,
-                      vision_only: Optional[bool] = None) -> Path:
-    """Write the model's weights in Meta's layout (weights only) to `path`, atomically."""
+                      vision_only: Optional[bool] = None, mask_token_file: bool = True) -> Path:
+    """Write the model's weights in Meta's layout (weights only) to `path`, atomically; with mask_token_file
+    (default) and without include_mask_token, the model's mask token (its own or the one it carries) goes to
+    the side file `mask_token_path(path)` (module docstring), written first, so model.pt's presence still
+    means the export is whole."""
+    token = _mask_token_to_carry(model) if mask_token_file and not include_mask_token else None
+    if token is not None:
+        torch_save_atomic({"mask_token": token}, mask_token_path(path))
     return save_state_dict_atomic(
         to_meta_state_dict(model, include_mask_token=include_mask_token, vision_only=vision_only), path)

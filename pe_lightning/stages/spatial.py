@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -51,7 +52,25 @@ from pe_lightning.stages.phases import Phase
 CLASS_TOKEN_POLICIES = ("ignore", "self_distill")
 DISTILL_SPACES = ("raw", "standardised")
 MASK_TEACHERS = ("oracle", "sam2")
+ORACLE_KINDS = ("binary", "graded")
+MASK_TOKEN_STARTS = ("fresh", "parent")
 PAPER_LAYER, PAPER_DEPTH = 41, 50  # PE-Spatial-G self-distills from layer 41 of PE-Core-G's 50
+AUTO_PROBE_ITER = 50  # L-BFGS iterations of teacher_layer=auto's dense probes (the dense_eval callback's default)
+
+log = logging.getLogger("pe_lightning")
+
+
+@dataclass
+class OracleArgs:
+    """The `oracle` mask-logit teacher's keys (`spatial.oracle:`; teachers/oracle.py). Our choices."""
+
+    kind: str = "binary"  # binary: +-m over the whole region under the point (all background one region) |
+    #                       graded: m * clip(signed distance to the mask boundary / (clip * side)), and a
+    #                       background point answers only the background within `radius` of it
+    clip: float = 0.1  # graded: the distance (fraction of the image side) at which a logit saturates at +-m
+    radius: float = 0.25  # graded: a background point's region: the background within this distance (fraction
+    #                       of the image side) of the point, as SAM answers a click on "stuff" locally
+    magnitude: float = 10.0  # m (cosine similarities do not depend on it)
 
 
 @dataclass
@@ -59,7 +78,11 @@ class SpatialArgs:
     """The spatial stage's keys (`spatial:`). Unpublished values are our choice."""
 
     teacher: Optional[str] = None  # weights of the self-distillation teacher, instead of the pipeline's parent
-    teacher_layer: int = 0  # k: the teacher's layer (1-based); 0 = round(41/50 * depth) (our scaling)
+    teacher_layer: Any = 0  # k: the teacher's layer (1-based); 0 = round(41/50 * depth) (our scaling); auto = the
+    #                         argmax of the teacher parent's dense-probe curve at the stage's resolution on
+    #                         `dense_set` (the paper's rule: layer 41 is about G's best dense layer)
+    dense_set: str = "single"  # the dense probe set of `teacher_layer: auto` and of the dense_eval callback:
+    #                            single | multi | a folder (eval/probe_run.dense_set_dir)
     teacher_resolution: int = 0  # the teacher's input side; 0 = the student's. Larger: its finer token map is
     #                              area-pooled to the student's grid (DINOv3's Gram teacher sees 2x; our choice)
     self_distill_weight: float = 1.0  # our choice
@@ -70,11 +93,15 @@ class SpatialArgs:
     sam_tokens: str = "all"  # visible | masked | all (our choice)
     class_token: str = "ignore"  # ignore | self_distill: the class token also pulled to the teacher's (our choice)
     remove_negative: bool = False  # clip both similarity matrices at 0 (DINOv3's remove_neg; our choice: off)
+    centre_tokens: bool = False  # subtract each image's mean token (student and target) before the Gram (ours)
     mask_ratio: float = 0.75  # of the student's patches replaced by the mask token (secondary sources)
+    mask_token: str = "fresh"  # the student's mask token at a fresh start: fresh (N(0, 0.02)) | parent (the init
+    #                            export's, from its side file model.mask_token.pt: models/checkpoint.py)
     drop_path: float = 0.1  # DropPath rate in every block (our choice)
     layer_scale: Optional[float] = None  # LayerScale init; None = the PE-Spatial preset of the size; 0 = off
     mask_teacher: str = "oracle"  # oracle (exact shapes-world masks) | sam2 (cache built by `pe-lightning teacher`)
     mask_teacher_grid: int = 32  # n: n x n point prompts (SAM 2.1's 32 x 32)
+    oracle: OracleArgs = field(default_factory=OracleArgs)
     cache_dim: int = 128  # the cache's random-projection dim of the n*n logit channels
     cache_dir: Optional[str] = None  # None = <data.root>/teacher_cache/<teacher>-g<n>-t<tokens>-d<dim>
     build_cache: bool = True  # build a missing oracle cache before training (sam2 caches never are)
@@ -146,6 +173,18 @@ class SpatialStage(PEStage):
             raise RecipeError(f"spatial.mask_ratio={a.mask_ratio}: must be in [0, 1)")
         if not 0.0 <= a.drop_path < 1.0:
             raise RecipeError(f"spatial.drop_path={a.drop_path}: must be in [0, 1)")
+        if a.mask_token not in MASK_TOKEN_STARTS:
+            raise RecipeError(f"spatial.mask_token={a.mask_token!r}: choose one of {list(MASK_TOKEN_STARTS)}")
+        o = a.oracle
+        if o.kind not in ORACLE_KINDS:
+            raise RecipeError(f"spatial.oracle.kind={o.kind!r}: choose one of {list(ORACLE_KINDS)}")
+        if not (o.clip > 0 and o.radius > 0 and o.magnitude > 0):
+            raise RecipeError(f"spatial.oracle: clip, radius and magnitude must be > 0, got {o.clip}, {o.radius}, "
+                              f"{o.magnitude}")
+        k = a.teacher_layer
+        if not (k == "auto" or (isinstance(k, int) and not isinstance(k, bool) and k >= 0)):
+            raise RecipeError(f"spatial.teacher_layer={k!r}: a layer 1..depth, 0 (round(41/50 * depth)) or auto "
+                              "(the argmax of the parent's dense-probe curve)")
 
     # ----- the student -----
     def build_model(self, init: Optional[Export]) -> nn.Module:
@@ -162,18 +201,72 @@ class SpatialStage(PEStage):
         if a.drop_path:
             model.visual.set_drop_path(float(a.drop_path))
         if a.mask_ratio > 0:
-            model.visual.add_mask_token()  # learned; left out of the export
+            model.visual.add_mask_token()  # learned; exported to the side file model.mask_token.pt
+            if a.mask_token == "parent" and init is not None:
+                self._load_parent_mask_token(model.visual, init)
         return model
+
+    @staticmethod
+    def _load_parent_mask_token(visual, init: Export) -> None:
+        from pe_lightning.models.checkpoint import mask_token_path, read_mask_token
+
+        token = read_mask_token(init.weights)
+        if token is None:
+            raise RecipeError(f"spatial.mask_token=parent: {init.weights} has no mask-token side file "
+                              f"({mask_token_path(init.weights).name}; exports write it since #29, and a stage "
+                              "resumed after its start does not carry its parent's); re-export the parent or set "
+                              "spatial.mask_token=fresh")
+        if token.shape != visual.mask_token.shape:
+            raise RecipeError(f"spatial.mask_token=parent: {mask_token_path(init.weights)} holds a "
+                              f"{tuple(token.shape)} token, the student's is {tuple(visual.mask_token.shape)}")
+        with torch.no_grad():
+            visual.mask_token.copy_(token.to(visual.mask_token.dtype))
 
     # ----- the self-distillation teacher -----
     @property
     def teacher_layer(self) -> int:
+        """k: an explicit layer, 0 (the paper's ratio) or, with `auto`, the layer chosen by build_teacher."""
         depth = self.model.visual.layers
-        k = int(self.args.teacher_layer) or default_teacher_layer(depth)
+        k = self.args.teacher_layer
+        if k == "auto":
+            if getattr(self, "_auto_layer", None) is None:
+                raise RecipeError("spatial.teacher_layer=auto is chosen from the teacher parent's dense curve when "
+                                  "the teacher is built")
+            return self._auto_layer
+        k = int(k) or default_teacher_layer(depth)
         if not 1 <= k <= depth:
             raise RecipeError(f"spatial.teacher_layer={k}: must be in 1..{depth} (the student's depth), or 0 for "
-                              f"round(41/50 * depth) = {default_teacher_layer(depth)}")
+                              f"round(41/50 * depth) = {default_teacher_layer(depth)}, or auto")
         return k
+
+    def dense_set_dir(self) -> Path:
+        from pe_lightning.eval.probe_run import dense_set_dir
+
+        return dense_set_dir(self.cfg.data.root, self.args.dense_set)
+
+    def choose_teacher_layer(self, visual) -> int:
+        """`teacher_layer: auto`: the argmax of `visual`'s dense-probe curve (callbacks/dense_eval.dense_curve,
+        the end-of-stage probe's protocol) at the stage's resolution on `dense_set`, ties to the earlier layer.
+        Recorded in metrics (teacher_layer, teacher_layer_curve) and kept for the end-of-stage evaluation of the
+        same parent, which then needs no second pass."""
+        import time
+
+        from pe_lightning.eval.dense_curve import dense_curve
+
+        t0 = time.monotonic()
+        schedule = getattr(self, "schedule", None) or self.build_schedule()  # the teacher is built before it
+        res = next(iter(schedule)).resolution
+        set_dir = self.dense_set_dir()
+        layers = list(range(1, visual.layers + 1))
+        curve = dense_curve(visual, set_dir, layers, res, 128, torch.device("cpu"), AUTO_PROBE_ITER)
+        best = max(curve, key=lambda k: (curve[k]["miou"], -k))
+        self.parent_curve_memo = {"key": (str(set_dir), res, AUTO_PROBE_ITER, str(self.parents["teacher"].weights)),
+                                  "curve": curve}
+        self.metrics.update({"teacher_layer_rule": "auto", "teacher_layer_set": str(set_dir),
+                             "teacher_layer_curve": [{"layer": k, "score": curve[k]["miou"]} for k in layers]})
+        log.info("spatial.teacher_layer=auto: layer %d (dense mIoU %s at %d px on %s, %.1fs)", best,
+                 " ".join(f"{curve[k]['miou']:.3f}" for k in layers), res, set_dir, time.monotonic() - t0)
+        return int(best)
 
     def build_teacher(self, parent: Export) -> nn.Module:
         """The parent's vision tower cut after layer k (its blocks past k and its head dropped): a frozen
@@ -183,7 +276,11 @@ class SpatialStage(PEStage):
         if visual.layers != self.model.visual.layers:
             raise RecipeError(f"the teacher {parent.weights} has {visual.layers} blocks, the student "
                               f"{self.model.visual.layers}: the self-distillation teacher is a copy of the student")
-        return visual.truncate(self.teacher_layer)
+        if self.args.teacher_layer == "auto":
+            self._auto_layer = self.choose_teacher_layer(visual.eval())
+        k = self.teacher_layer
+        self.metrics["teacher_layer"] = int(k)
+        return visual.truncate(k)
 
     def parent_model(self) -> Optional[nn.Module]:
         """The whole parent (init, else teacher) with its text tower and head, for the `parent_` figures
@@ -209,7 +306,15 @@ class SpatialStage(PEStage):
         a = self.args
         if a.cache_dir:
             return Path(a.cache_dir)
-        return default_cache_dir(self.cfg.data, a.mask_teacher, a.mask_teacher_grid, self.token_grid, a.cache_dim)
+        return default_cache_dir(self.cfg.data, a.mask_teacher, a.mask_teacher_grid, self.token_grid, a.cache_dim,
+                                 oracle=self.oracle_args())
+
+    def oracle_args(self) -> Optional[dict]:
+        """The oracle teacher's extra arguments (kind, clip, radius) when not the binary default; None else."""
+        o = self.args.oracle
+        if self.args.mask_teacher != "oracle" or o.kind == "binary":
+            return None
+        return {"kind": o.kind, "clip": float(o.clip), "radius": float(o.radius)}
 
     def datamodule(self):
         from pe_lightning.data.dense import DenseDataModule
@@ -217,7 +322,8 @@ class SpatialStage(PEStage):
         a = self.args
         return DenseDataModule(self.cfg.data, cache_dir=self.cache_dir(), tokens=self.token_grid,
                                mask_ratio=a.mask_ratio, seed=self.cfg.seed, teacher=a.mask_teacher,
-                               grid=a.mask_teacher_grid, dim=a.cache_dim, build=a.build_cache, schedule=self.schedule)
+                               grid=a.mask_teacher_grid, dim=a.cache_dim, build=a.build_cache, schedule=self.schedule,
+                               magnitude=float(a.oracle.magnitude), oracle=self.oracle_args())
 
     def tokenizer(self):
         return None  # no text
@@ -263,7 +369,8 @@ class SpatialStage(PEStage):
             pair = standardise_by_teacher(*pair)
         loss_self = self_distill_loss(*pair, distill_sel)
         sam_sel = token_selection(mask, a.sam_tokens, shape).to(patches.device)
-        loss_sam = gram_mse_loss(patches, batch["target"], remove_negative=a.remove_negative, tokens=sam_sel)
+        loss_sam = gram_mse_loss(patches, batch["target"], remove_negative=a.remove_negative, tokens=sam_sel,
+                                 centre=a.centre_tokens)
         loss = a.self_distill_weight * loss_self + a.sam_weight * loss_sam
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/loss_self_distill", loss_self)

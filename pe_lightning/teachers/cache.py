@@ -33,6 +33,10 @@ both), with S_full from the fp32 resized features before projection and S_stored
 projection. Each shard's json reports the mean absolute error, its RMS, the 99th percentile and the max;
 the index aggregates them (pair-weighted mean and RMS, the worst shard's p99, the max). The statistics
 stream (a histogram gives the p99 to 1e-4), so a shard's errors never sit in memory.
+Beside the error, the **effective rank** of each image's target Gram matrix (`effective_rank`: exp of the
+entropy of its normalised singular values, Roy & Vetterli 2007; from the fp32 features before projection):
+1 when every token is +-1 times one vector (the binary oracle on a one-object image), up to g*g. Each shard's
+json reports its mean, min and max over images; the index, their image-weighted mean, min and max.
 
 Resume and ranks
 ----------------
@@ -84,6 +88,7 @@ __all__ = [
     "compress",
     "cosine_gram",
     "similarity_error",
+    "effective_rank",
     "ErrorStats",
     "build_cache",
     "TeacherCache",
@@ -142,6 +147,30 @@ def similarity_error(full: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
     diff = (cosine_gram(full) - cosine_gram(stored.float())).abs()
     off = ~torch.eye(diff.shape[-1], dtype=torch.bool)
     return diff[:, off].reshape(-1)
+
+
+def effective_rank(tokens: torch.Tensor) -> torch.Tensor:
+    """`[B, N, C]` -> `[B]`: exp(entropy of the normalised singular values) of each image's cosine Gram matrix."""
+    sv = torch.linalg.svdvals(cosine_gram(tokens).double())
+    p = sv / sv.sum(-1, keepdim=True).clamp_min(1e-30)
+    return torch.exp(-(p * p.clamp_min(1e-30).log()).sum(-1)).float()
+
+
+class RankStats:
+    """Streaming mean, min and max of per-image effective ranks."""
+
+    def __init__(self):
+        self.total, self.count, self.low, self.high = 0.0, 0, float("inf"), 0.0
+
+    def update(self, ranks: torch.Tensor) -> None:
+        if ranks.numel():
+            self.total += float(ranks.double().sum())
+            self.count += int(ranks.numel())
+            self.low, self.high = min(self.low, float(ranks.min())), max(self.high, float(ranks.max()))
+
+    def summary(self) -> dict:
+        return {"mean": self.total / max(self.count, 1), "min": self.low if self.count else 0.0,
+                "max": self.high, "images": self.count}
 
 
 class ErrorStats:
@@ -323,7 +352,7 @@ def _stack_extras(batch: list) -> dict:
 
 def _teacher_members(teacher: MaskLogitTeacher, url: str, settings: CacheSettings,
                      projection: Optional[torch.Tensor], batch_size: int, keys: list[str], errors: dict,
-                     stats: ErrorStats) -> Iterator[tuple[str, bytes]]:
+                     stats: ErrorStats, ranks: Optional["RankStats"] = None) -> Iterator[tuple[str, bytes]]:
     """The cache members of one source shard, batch by batch; fills keys, skip counters and error stats."""
     g = settings.tokens
     for batch in _batches(_decoded_samples(url, settings, teacher.extras, errors), batch_size):
@@ -332,6 +361,8 @@ def _teacher_members(teacher: MaskLogitTeacher, url: str, settings: CacheSetting
         full = logits.flatten(2).transpose(1, 2).float()  # [B, g*g, n*n]
         stored = compress(full, projection)  # [B, g*g, dim] fp16
         stats.update(similarity_error(full, stored))
+        if ranks is not None:
+            ranks.update(effective_rank(full))
         for (key, _, _), arr in zip(batch, stored.reshape(len(batch), g, g, -1).numpy()):
             keys.append(key)
             yield f"{key}.{MEMBER_EXT}", _npy_bytes(np.ascontiguousarray(arr))
@@ -344,9 +375,9 @@ def _build_shard(teacher: MaskLogitTeacher, url: str, stem: str, out: Path, sett
         stale.unlink(missing_ok=True)
     keys: list[str] = []
     errors: dict[str, int] = {}
-    stats = ErrorStats()
+    stats, ranks = ErrorStats(), RankStats()
     tar_path = out / f"{stem}.tar"
-    members = _teacher_members(teacher, url, settings, projection, batch_size, keys, errors, stats)
+    members = _teacher_members(teacher, url, settings, projection, batch_size, keys, errors, stats, ranks)
     _atomic_write(tar_path, lambda f: _write_tar(f, members))
     offsets = _tar_offsets(tar_path)
     seconds = time.monotonic() - t0
@@ -362,6 +393,7 @@ def _build_shard(teacher: MaskLogitTeacher, url: str, stem: str, out: Path, sett
         "shape": [g, g, settings.stored_dim],
         "dtype": "float16",
         "similarity_error": stats.summary(),
+        "target_effective_rank": ranks.summary(),
         "skipped": errors,
         "seconds": seconds,
         "images_per_s": len(keys) / seconds if seconds > 0 else None,
@@ -377,6 +409,7 @@ def write_index(out: str | Path) -> dict:
     shards, missing = [], []
     abs_sum = sq_sum = 0.0
     err_max, p99, pairs, count, seconds = 0.0, 0.0, 0, 0, 0.0
+    rank_sum, rank_n, rank_min, rank_max = 0.0, 0, float("inf"), 0.0
     for src in info["sources"]:
         stem = _shard_stem(src)
         if not _shard_done(out, stem):
@@ -390,6 +423,10 @@ def write_index(out: str | Path) -> dict:
         sq_sum += e["rms"] ** 2 * e["pairs"]
         err_max, p99, pairs = max(err_max, e["max"]), max(p99, e["p99"]), pairs + e["pairs"]
         count, seconds = count + rec["count"], seconds + rec["seconds"]
+        r = rec.get("target_effective_rank")  # absent from shards built before it was measured
+        if r and r.get("images"):
+            rank_sum, rank_n = rank_sum + r["mean"] * r["images"], rank_n + r["images"]
+            rank_min, rank_max = min(rank_min, r["min"]), max(rank_max, r["max"])
     index = {
         **info["settings"],
         "stored_dim": CacheSettings(**info["settings"]).stored_dim,
@@ -398,6 +435,9 @@ def write_index(out: str | Path) -> dict:
         "samples": count,
         "similarity_error": {"mean_abs": abs_sum / max(pairs, 1), "rms": (sq_sum / max(pairs, 1)) ** 0.5,
                              "p99_worst_shard": p99, "max": err_max, "pairs": pairs},
+        "target_effective_rank": {"mean": rank_sum / rank_n if rank_n else None,
+                                  "min": rank_min if rank_n else None, "max": rank_max if rank_n else None,
+                                  "images": rank_n},
         "images_per_s": count / seconds if seconds > 0 else None,
         "shards": shards,
     }

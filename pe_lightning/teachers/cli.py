@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world", type=int, default=None)
     g = p.add_argument_group("oracle")
     g.add_argument("--magnitude", type=float, default=10.0, help="logit magnitude m: +m inside, -m outside")
+    g.add_argument("--kind", choices=("binary", "graded"), default="binary", help="binary: +-m over the region "
+                   "under the point; graded: clipped signed distance to its boundary, background answered locally "
+                   "(teachers/oracle.py)")
+    g.add_argument("--clip", type=float, default=0.1, help="graded: saturation distance, fraction of the side")
+    g.add_argument("--radius", type=float, default=0.25, help="graded: a background point's disc, fraction of "
+                   "the side")
     g = p.add_argument_group("sam")
     g.add_argument("--checkpoint", default=None, help="SAM 2.1 weights (e.g. sam2.1_hiera_large.pt)")
     g.add_argument("--config", default="large", help="tiny | small | base_plus | large, or a sam2 package config")
@@ -67,6 +73,8 @@ def teacher_from_args(args: argparse.Namespace):
     name = TEACHER_NAMES[args.teacher]
     if name == "oracle":
         kw = {"grid": args.grid, "magnitude": args.magnitude}
+        if args.kind != "binary":  # the binary oracle records what it always did: its caches stay valid
+            kw.update(kind=args.kind, clip=args.clip, radius=args.radius)
         return build_teacher("oracle", **kw), kw, args.size
     size = args.size or 1024
     kw = {"config": args.config, "image_size": size, "grid": args.grid,
@@ -98,5 +106,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"  {index['samples']} samples, {state}; compressed similarity error: mean {e['mean_abs']:.4f}, "
               f"rms {e['rms']:.4f}, p99 {e['p99_worst_shard']:.4f}, max {e['max']:.4f} "
               f"(dim {index['stored_dim']} of {index['grid'] ** 2} channels)")
+        r = index.get("target_effective_rank") or {}
+        if r.get("images"):
+            print(f"  target Gram effective rank: mean {r['mean']:.2f}, min {r['min']:.2f}, max {r['max']:.2f} "
+                  f"(of {index['tokens'] ** 2} tokens)")
         print(json.dumps({"index": os.path.join(args.out, "index.json")}))
     return 0
