@@ -214,7 +214,7 @@ ONE_PHASE = ["train.phases=[{until_samples: 64, resolution: 32, batch_size: 32}]
              "optim.warmup_samples=16"]
 STAGES = {
     "video": lambda parent, tmp: ["train.phases=[]", "video.clip_batch_size=16", "video.image_batch_size=16",
-                                  "train.total_samples=64", f"init={parent}"],
+                                  "train.total_samples=64", "optim.warmup_samples=16", f"init={parent}"],
     "distill": lambda parent, tmp: [*ONE_PHASE, f"distill.teacher={parent}", "distill.feature_weight=1",
                                     "distill.feature_projection=true", "distill.scratch_baseline=false"],
     "spatial": lambda parent, tmp: [*ONE_PHASE, f"init={parent}", f"spatial.teacher={parent}",
