@@ -262,10 +262,11 @@ def test_rescale_layer_scale_is_exact_for_any_gammas():
 
 
 def test_each_part_has_its_own_full_phase_lr(tiny_world, tmp_path, parent):
-    """The warm-up trains the projector at lang.projector_lr; the full phase gives the encoder, projector and LM
-    (the blind baseline's LM with it) optim.lr x their own lang.<part>_lr_scale."""
+    """The warm-up trains the projector at lang.projector_lr; the full phase gives the encoder, projector, LM and
+    the blind baseline's LM optim.lr x their own lang.<part>_lr_scale."""
     stage = _stage(tiny_world, tmp_path, parent, "lang.encoder_lr_scale=0.5", "lang.projector_lr_scale=4",
-                   "lang.lm_lr_scale=0.1", "optim.warmup_samples=0", "lang.projector_lr=1e-3", "optim.lr=1e-4")
+                   "lang.lm_lr_scale=0.1", "lang.blind_lm_lr_scale=2", "optim.warmup_samples=0",
+                   "lang.projector_lr=1e-3", "optim.lr=1e-4")
     optimizer = stage.configure_optimizers()
 
     def lrs():
@@ -276,7 +277,7 @@ def test_each_part_has_its_own_full_phase_lr(tiny_world, tmp_path, parent):
     assert all(lr == pytest.approx(1e-3) for lr in warm.values())  # only the projector has gradients here
     stage.samples_seen = stage.args.projector_samples
     full = lrs()
-    expect = {"visual": 0.5e-4, "projector": 4e-4, "lm": 1e-5, "blind_lm": 1e-5}
+    expect = {"visual": 0.5e-4, "projector": 4e-4, "lm": 1e-5, "blind_lm": 2e-4}
     assert {name.split("/")[0] for name in full} == set(expect)
     for name, lr in full.items():
         assert lr == pytest.approx(expect[name.split("/")[0]]), name

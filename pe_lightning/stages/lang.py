@@ -63,9 +63,9 @@ from pe_lightning.stages.phases import Phase
 
 LANG_JSON = "lang.json"
 LM_FOLDER = "lm"
-PARTS = ("encoder", "projector", "lm")  # the full phase's lr parts (lang.<part>_lr_scale)
+PARTS = ("encoder", "projector", "lm", "blind_lm")  # the full phase's lr parts (lang.<part>_lr_scale)
 LAYER_SCALE_MODES = ("preserve", "plm")
-LR_PART = {"visual": "encoder", "projector": "projector", "lm": "lm", "blind_lm": "lm"}  # module -> lr part
+LR_PART = {"visual": "encoder", "projector": "projector", "lm": "lm", "blind_lm": "blind_lm"}  # module -> lr part
 
 
 @dataclass
@@ -86,7 +86,8 @@ class LangArgs:
     projector_lr: float = 1e-4  # warm-up peak lr (PLM stage 1); the full phase uses optim.lr (PLM 4e-5)
     encoder_lr_scale: float = 1.0  # full phase: encoder lr = optim.lr * this (PLM: 1.0; LLaVA-OV: 0.2)
     projector_lr_scale: float = 1.0  # full phase: projector lr = optim.lr * this (PLM: 1.0)
-    lm_lr_scale: float = 1.0  # full phase: LM lr = optim.lr * this (PLM: 1.0); the blind baseline's LM too
+    lm_lr_scale: float = 1.0  # full phase: LM lr = optim.lr * this (PLM: 1.0)
+    blind_lm_lr_scale: float = 1.0  # the blind baseline's LM: optim.lr * this (its own: a baseline at its best)
     train_encoder: bool = True  # full phase: the encoder trains (PLM); false keeps it frozen (LLaVA-1.5)
     layer_scale: float = 0.1  # LayerScale gamma from the switch on (PLM 0.1); 0 = no LayerScale
     layer_scale_mode: str = "plm"  # preserve (fold 1/gamma into the branch outputs: same function) | plm
