@@ -26,6 +26,12 @@
 
 Not published, so our choices (recipe keys): both weights, k for small depths, the token policies, the class
 token, negative clipping (`remove_negative`), DropPath, the teacher's unmasked input, lr and schedule.
+
+Keys of #29 (defaults keep the stage as it was): `centre_tokens` (the Gram on each image's centred tokens);
+`oracle.kind=graded` (teachers/oracle.py: graded, local logits whose target Gram has a higher effective rank);
+`teacher_layer=auto` (the argmax of the teacher parent's dense-probe curve at the stage's resolution on
+`dense_set`, measured when the teacher is built, recorded in metrics.json); `mask_token=parent` (the init
+export's learned mask token, from its side file `model.mask_token.pt`, models/checkpoint.py).
 """
 
 from __future__ import annotations
