@@ -45,6 +45,8 @@ def _refuse_a_stage_in_use(stage: str, overrides: list[str]) -> None:
     from pe_lightning.config import RecipeConfig
     from pe_lightning.runlock import refuse_if_held
 
+    if any(os.environ.get(key, "0") != "0" for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")):
+        return  # another rank of a run whose rank 0 holds the lock (Lightning re-runs the command per rank)
     words, _ = split_words(overrides, "run", "runs_dir")
     refuse_if_held(Path(words.get("runs_dir", RecipeConfig.runs_dir)) / words.get("run", RecipeConfig.run) / stage)
 

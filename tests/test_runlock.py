@@ -101,3 +101,16 @@ def test_a_start_that_fails_leaves_no_stage_folder(tiny_world, tmp_path):
     with pytest.raises(PipelineError, match="make stage=pretrain"):  # a missing parent: nothing left either
         run_stage(load_stage_recipe("video", tiny_run(tiny_world, runs)))
     assert not (runs / "t" / "video").exists()
+
+
+def test_the_other_ranks_of_a_run_pass_the_early_check(tmp_path, monkeypatch):
+    """Lightning starts rank 1 by re-running the command: the early refusal must not stop it at the lock its own
+    rank 0 holds (it would end every DDP / FSDP run); rank 0 and a plain second command are still refused."""
+    from pe_lightning.cli import _refuse_a_stage_in_use
+
+    words = [f"runs_dir={tmp_path}", "run=r"]
+    with StageLock(tmp_path / "r" / "pretrain"):
+        with pytest.raises(RunLocked, match=f"pid {os.getpid()}"):
+            _refuse_a_stage_in_use("pretrain", words)
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        _refuse_a_stage_in_use("pretrain", words)  # the launched rank goes on

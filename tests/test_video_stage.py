@@ -372,3 +372,31 @@ def test_the_model_is_the_parent_exports_structure_not_the_recipes_preset(tiny_w
         assert torch.equal(stage.model.state_dict()[name], tensor), name
     resumed = VideoStage(recipe, parents={"init": Export.at(export)}, fresh=False)  # a resume: same structure
     assert resumed.model.visual.cfg.stem == "patch"
+
+
+def test_a_resumed_stage_still_carries_its_parents_mask_token(tiny_world, tmp_path):
+    """Video (mask_reg off) has no mask token of its own and passes its parent's on to its export's side file.
+    That token is a plain attribute in no state dict: the checkpoint carries it, so a stage resumed from the
+    checkpoint (which never reloads its parent) exports the same side file as an uninterrupted one."""
+    from pe_lightning.exports import Export, write_model_json
+    from pe_lightning.models import build_model
+    from pe_lightning.models.checkpoint import export_checkpoint, read_mask_token
+
+    recipe = _recipe(tiny_world, tmp_path)
+    assert not recipe.video.mask_reg.enabled
+    torch.manual_seed(5)
+    parent = build_model("tiny", vision={**recipe.model.vision, "use_mask_token": True}, text=dict(recipe.model.text))
+    export = tmp_path / "export"
+    export.mkdir()
+    export_checkpoint(parent, export / "model.pt")
+    write_model_json(parent, export)
+    stage = VideoStage(recipe, parents={"init": Export.at(export)})
+    checkpoint: dict = {}
+    stage.on_save_checkpoint(checkpoint)
+    resumed = VideoStage(recipe, parents={"init": Export.at(export)}, fresh=False)
+    resumed.on_load_checkpoint(checkpoint)
+    for name, stage_ in (("fresh", stage), ("resumed", resumed)):
+        export_checkpoint(stage_.model, tmp_path / name / "model.pt")
+        token = read_mask_token(tmp_path / name / "model.pt")
+        assert token is not None, name
+        torch.testing.assert_close(token, parent.visual.mask_token.detach())

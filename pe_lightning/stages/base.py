@@ -437,7 +437,8 @@ class PEStage(L.LightningModule):
     # ----- checkpoint state beyond Lightning's -----
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["pe_state"] = {"samples_seen": self.samples_seen, "train_seconds": self.train_seconds,
-                                  "metrics": self.metrics, "training_finished": self.training_finished}
+                                  "metrics": self.metrics, "training_finished": self.training_finished,
+                                  "carried_mask_tokens": self._carried_mask_tokens()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("pe_state", {})
@@ -445,3 +446,11 @@ class PEStage(L.LightningModule):
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.metrics = dict(state.get("metrics", {}))
         self.training_finished = bool(state.get("training_finished", False))
+        for name, token in state.get("carried_mask_tokens", {}).items():
+            self.get_submodule(name).carried_mask_token = token
+
+    def _carried_mask_tokens(self) -> dict[str, torch.Tensor]:
+        """A parent's mask token that a tower without one passes on to its export (models/checkpoint.py): a plain
+        attribute in no state dict, so the checkpoint carries it, or a resumed stage would export without it."""
+        return {name: m.carried_mask_token for name, m in self.named_modules()
+                if getattr(m, "carried_mask_token", None) is not None}
