@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_data_shapes import samples as samples_by_key  # {key: {ext: bytes}} of every tar under a folder
 
 from pe_lightning.data import DataError
 from pe_lightning.data.shapes import CLASSES, HELDOUT, ensure_shapes_world, generate_shapes_world
@@ -32,13 +33,7 @@ NAME = re.compile(r"\b(" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")\b
 
 
 def samples(folder: Path) -> list[dict[str, bytes]]:
-    out: dict[str, dict[str, bytes]] = {}
-    for tar in sorted(folder.rglob("*.tar")):
-        with tarfile.open(tar) as tf:
-            for m in tf:
-                key, ext = m.name.split(".", 1)
-                out.setdefault(f"{tar}:{key}", {})[ext] = tf.extractfile(m).read()
-    return list(out.values())
+    return list(samples_by_key(folder).values())
 
 
 def image(s: dict) -> np.ndarray:
