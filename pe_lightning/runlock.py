@@ -22,6 +22,22 @@ from pe_lightning.errors import UserError
 
 LOCK_NAME = "lock"
 _LINE = 64  # the lock's text is rewritten in place at one fixed width: a reader never sees it half-written
+_HELD_FDS: set[int] = set()  # this process's lock descriptors
+
+
+def _drop_held_fds_in_child() -> None:
+    """A forked child (a DataLoader worker) shares the lock's open file, and a flock lasts until every
+    descriptor of it is closed: a worker outliving its killed trainer for a few seconds would keep the run
+    locked. The child closes its copies; the parent's lock is untouched."""
+    for fd in list(_HELD_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_held_fds_in_child)
 
 
 class RunLocked(UserError, RuntimeError):
@@ -106,6 +122,7 @@ class StageLock:
                 break
             os.close(fd)
         self._fd = fd
+        _HELD_FDS.add(fd)
         self.update(0)
         return self
 
@@ -131,6 +148,7 @@ class StageLock:
         try:
             self.path.unlink(missing_ok=True)
         finally:
+            _HELD_FDS.discard(self._fd)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None

@@ -114,3 +114,28 @@ def test_the_other_ranks_of_a_run_pass_the_early_check(tmp_path, monkeypatch):
             _refuse_a_stage_in_use("pretrain", words)
         monkeypatch.setenv("LOCAL_RANK", "1")
         _refuse_a_stage_in_use("pretrain", words)  # the launched rank goes on
+
+
+def test_a_forked_child_does_not_keep_the_lock_after_its_parent_dies(tmp_path):
+    """DataLoader workers are forked from the trainer and outlive a kill -9 of it by a few seconds: they must
+    not hold the run's lock meanwhile (the next command would be refused, naming the dead trainer)."""
+    root = tmp_path / "r" / "pretrain"
+    code = ("import os, sys, time\n"
+            "from pe_lightning.runlock import StageLock\n"
+            "lock = StageLock(sys.argv[1]).acquire()\n"
+            "if os.fork() == 0:\n"
+            "    time.sleep(30)\n"  # the orphaned worker
+            "    os._exit(0)\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(30)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        assert holder(root) is not None and holder(root).pid == proc.pid
+        proc.kill()
+        proc.wait()
+        assert holder(root) is None  # at once, although the forked child lives on
+        StageLock(root, wait_s=0).acquire().release()
+    finally:
+        proc.kill()
+        subprocess.run(["pkill", "-f", str(root)], check=False)
