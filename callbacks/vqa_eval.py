@@ -8,7 +8,8 @@ vqa_exact_match, vqa_<type>_exact_match (colour, shape, count, size, position, y
 with the stage's blind baseline (lang.blind_baseline) the same under vqa_blind_*, the blind LM answering
 with zeros at the image positions, as it was trained; the warm-up model's own figures (projector trained, the
 full phase not begun: evaluated once at the switch, before the full phase changes anything) under
-vqa_warmup_*, so the full phase's gain or loss is measured on the same questions. `examples` answers are logged (question, gold, ours).
+vqa_warmup_*, so the full phase's gain or loss is measured on the same questions. `examples` answers are
+logged (question, gold, ours).
 Runs on global rank 0; the other ranks wait at a barrier.
 """
 

@@ -9,7 +9,7 @@ Two phases over samples seen (`lang.projector_samples` splits train.total_sample
 - **warm-up** (PLM stage 1): only the projector trains; the encoder and the LM are frozen (lr `lang.projector_lr`,
   PLM 1e-4, AdamW betas 0.9/0.95).
 - **full** (PLM stage 2): encoder, projector and LM all train (lr `optim.lr`, PLM 4e-5 for every part; each
-  part's lr is optim.lr times `lang.{encoder,projector,lm}_lr_scale`, our keys); LayerScale and DropPath (0.1,
+  part's lr is optim.lr times `lang.{encoder,projector,lm,blind_lm}_lr_scale`, our keys); LayerScale and DropPath (0.1,
   PLM) are in the encoder. The gammas exist from the start at 1.0 (x * 1.0 is exact, so the warm-up encoder is
   the parent's function) and become `lang.layer_scale` at the switch, in one of two ways
   (`lang.layer_scale_mode`):
@@ -162,8 +162,8 @@ class LangStage(PEStage):
     Args = LangArgs
     roles = ("init",)
     headline_metrics = ("vqa_exact_match", "vqa_blind_exact_match", "vqa_warmup_exact_match",
-                        "vqa_colour_exact_match", "vqa_shape_exact_match", "vqa_count_exact_match", "vqa_size_exact_match",
-                        "vqa_position_exact_match", "vqa_yesno_exact_match")
+                        "vqa_colour_exact_match", "vqa_shape_exact_match", "vqa_count_exact_match",
+                        "vqa_size_exact_match", "vqa_position_exact_match", "vqa_yesno_exact_match")
     one_resolution_because = "the number of image tokens is part of every tokenized sample"
     headline = Headline("VQA exact match", "vqa_exact_match", "vqa_blind_exact_match", "blind")
 
